@@ -1,0 +1,54 @@
+# rlekf — `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# tested torch release; override e.g. `make install TORCH="torch==2.5.1"` (a CUDA wheel index
+# can be given with TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124")
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+ARGS ?=
+export WANDB_MODE ?= offline
+
+.PHONY: help install train train-adam eval test test-full lint format clean clean-logs
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" $(TORCH_INDEX)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project (pinned torch, override with TORCH=...)
+
+train: $(STAMP) ## train on the embedded EMT Cu data with RLEKF (extra Hydra overrides: ARGS="...")
+	$(BIN)/rlekf-train $(ARGS)
+
+train-adam: $(STAMP) ## same data and model with the Adam baseline
+	$(BIN)/rlekf-train optim=adam $(ARGS)
+
+eval: $(STAMP) ## evaluate a checkpoint: make eval CKPT=logs/.../checkpoints/last.ckpt
+	$(BIN)/rlekf-eval ckpt_path=$(CKPT) $(ARGS)
+
+test: $(STAMP) ## run the test suite (without slow tests)
+	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
+
+test-full: $(STAMP) ## run every test, slow ones included
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP) ## ruff check
+	$(BIN)/ruff check src tests
+
+format: $(STAMP) ## ruff format + fix
+	$(BIN)/ruff format src tests && $(BIN)/ruff check --fix src tests
+
+clean: ## remove caches (keeps .venv, data and logs)
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-logs: ## remove all run outputs under logs/
+	rm -rf logs/* && touch logs/.gitkeep

@@ -1,0 +1,311 @@
+"""``AtomsDataModule``: reads frames, splits them, builds neighbour lists, serves batches.
+
+Splits (``split=``):
+- ``random``: frames drawn at random (only for decorrelated snapshots);
+- ``blocks``: each file cut into ``n_blocks`` contiguous time blocks, whole blocks assigned to
+  train/val/test (MD trajectories: consecutive frames never straddle two splits);
+- ``files``: whole files assigned to splits;
+- ``none``: every frame of ``path`` is training data; ``val_path``/``test_path`` give the others.
+Explicit ``val_path``/``test_path`` always win over the fractions. The split is written to
+``<split_dir>/split.json`` and re-used from there (so a resumed run sees the same split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from rlekf.data import keys as K
+from rlekf.data.dataset import AtomsDataset, GroupedBatchSampler, collate_atoms
+from rlekf.data.readers import DataError, Frame, read_frames_with_report
+from rlekf.data.stats import energy_bias, env_statistics
+
+__all__ = ["AtomsDataModule", "split_frames"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+def _as_list(path: PathLike | Sequence[PathLike] | None) -> list[str]:
+    if path is None:
+        return []
+    if isinstance(path, (str, os.PathLike)):
+        return [str(path)]
+    return [str(p) for p in path]
+
+
+def split_frames(
+    frames: Sequence[Frame],
+    mode: str,
+    val_fraction: float,
+    test_fraction: float,
+    n_blocks: int,
+    seed: int,
+) -> dict[str, list[int]]:
+    """Indices of ``frames`` for train/val/test according to ``mode`` (see module docstring)."""
+    n = len(frames)
+    rng = np.random.default_rng(seed)
+    if mode == "none":
+        return {"train": list(range(n)), "val": [], "test": []}
+    if mode == "random":
+        units = [[i] for i in range(n)]
+    elif mode in ("blocks", "files"):
+        by_source: dict[str, list[int]] = {}
+        for i, f in enumerate(frames):
+            by_source.setdefault(f.source, []).append(i)
+        units = []
+        for idx in by_source.values():
+            if mode == "files":
+                units.append(idx)
+            else:
+                for chunk in np.array_split(np.asarray(idx), min(n_blocks, len(idx))):
+                    units.append(chunk.tolist())
+    else:
+        raise ValueError(f"split must be one of random, blocks, files, none; got {mode!r}")
+    order = rng.permutation(len(units)).tolist()
+    n_units = len(units)
+    n_val = int(round(val_fraction * n_units)) if val_fraction > 0 else 0
+    n_test = int(round(test_fraction * n_units)) if test_fraction > 0 else 0
+    if val_fraction > 0:
+        n_val = max(n_val, 1)
+    if test_fraction > 0:
+        n_test = max(n_test, 1)
+    if n_val + n_test >= n_units:
+        raise DataError(
+            f"cannot split {n} frames in {n_units} {mode} units into train/val/test with "
+            f"val_fraction={val_fraction}, test_fraction={test_fraction}: the training split "
+            "would be empty; add data, lower the fractions or give val_path/test_path"
+        )
+    val = sorted(i for u in order[:n_val] for i in units[u])
+    test = sorted(i for u in order[n_val : n_val + n_test] for i in units[u])
+    train = sorted(i for u in order[n_val + n_test :] for i in units[u])
+    return {"train": train, "val": val, "test": test}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class AtomsDataModule(L.LightningDataModule):
+    """Atomic frames for training a force field.
+
+    Args:
+        path: file(s) or directory(ies) of labelled frames (any format of
+            :func:`~rlekf.data.readers.read_frames`).
+        type_map: element symbols of the model, in type order.
+        rcut: model cutoff (Å), for the neighbour lists.
+        sel: neighbour slots per type (the model's ``sel``).
+        rcut_smth: model switching start (Å), for the descriptor statistics.
+        fmt: reader format, ``auto`` by default.
+        val_path: explicit validation data (overrides ``val_fraction``).
+        test_path: explicit test data (overrides ``test_fraction``).
+        split: ``random`` | ``blocks`` | ``files`` | ``none``.
+        val_fraction: share of split units for validation.
+        test_fraction: share of split units for testing.
+        n_blocks: contiguous blocks per file for ``split=blocks``.
+        batch_size: training frames per batch (frames of one batch share an atom count).
+        eval_batch_size: frames per validation/test batch.
+        use_virial: read virial labels when the format has them.
+        on_error: ``raise`` (default) or ``skip`` bad frames (counted and reported).
+        max_frames: keep only the first ``max_frames`` frames of ``path`` (quick runs).
+        seed: seeds the split and the shuffling.
+        split_dir: where ``split.json`` is written and re-read.
+        stats_frames: at most this many training frames are used for descriptor statistics.
+        num_workers: DataLoader workers.
+        dtype: float dtype of positions and labels (``float64``/``float32``).
+    """
+
+    def __init__(
+        self,
+        *,
+        path: PathLike | Sequence[PathLike],
+        type_map: Sequence[str],
+        rcut: float,
+        sel: Sequence[int],
+        rcut_smth: float = 0.5,
+        fmt: str = "auto",
+        val_path: PathLike | Sequence[PathLike] | None = None,
+        test_path: PathLike | Sequence[PathLike] | None = None,
+        split: str = "random",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        n_blocks: int = 10,
+        batch_size: int = 1,
+        eval_batch_size: int = 8,
+        use_virial: bool = True,
+        on_error: str = "raise",
+        max_frames: int | None = None,
+        seed: int = 0,
+        split_dir: PathLike | None = None,
+        stats_frames: int = 200,
+        num_workers: int = 0,
+        dtype: str = "float64",
+    ) -> None:
+        super().__init__()
+        self.paths = _as_list(path)
+        self.val_paths = _as_list(val_path)
+        self.test_paths = _as_list(test_path)
+        if not self.paths:
+            raise ValueError("data.path is empty: give a file or directory of labelled frames")
+        self.type_map = list(type_map)
+        self.rcut = float(rcut)
+        self.rcut_smth = float(rcut_smth)
+        self.sel = [int(s) for s in sel]
+        self.fmt = fmt
+        self.split = split
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.n_blocks = int(n_blocks)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.use_virial = use_virial
+        self.on_error = on_error
+        self.max_frames = max_frames
+        self.seed = int(seed)
+        self.split_dir = Path(split_dir) if split_dir is not None else None
+        self.stats_frames = int(stats_frames)
+        self.num_workers = int(num_workers)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.datasets: dict[str, AtomsDataset] = {}
+        self.skipped: int = 0
+        self._stats: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, paths: list[str]) -> list[Frame]:
+        frames, report = read_frames_with_report(
+            paths, self.fmt, use_virial=self.use_virial, on_error=self.on_error
+        )
+        self.skipped += report.n_skipped
+        return frames
+
+    def _resolve_split(self, frames: list[Frame]) -> dict[str, list[int]]:
+        split_file = self.split_dir / "split.json" if self.split_dir else None
+        keys = [[f.source, f.index] for f in frames]
+        if split_file is not None and split_file.exists():
+            saved = json.loads(split_file.read_text())
+            lookup = {(s, i): k for k, (s, i) in enumerate(keys)}
+            try:
+                return {
+                    name: [lookup[(s, i)] for s, i in saved[name]]
+                    for name in ("train", "val", "test")
+                }
+            except KeyError as exc:
+                raise DataError(
+                    f"{split_file} names frame {exc} that is not in the data any more; "
+                    "delete the file to make a new split"
+                ) from exc
+        mode = self.split
+        val_f = 0.0 if self.val_paths else self.val_fraction
+        test_f = 0.0 if self.test_paths else self.test_fraction
+        if mode == "none":
+            val_f = test_f = 0.0
+        idx = split_frames(frames, mode, val_f, test_f, self.n_blocks, self.seed)
+        if split_file is not None:
+            payload = {name: [keys[i] for i in idx[name]] for name in ("train", "val", "test")}
+            _atomic_write_text(split_file, json.dumps(payload))
+        return idx
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, split and build neighbour lists once (idempotent)."""
+        if self.datasets:
+            return
+        frames = self._read(self.paths)
+        if self.max_frames is not None:
+            frames = frames[: self.max_frames]
+        idx = self._resolve_split(frames)
+        parts: dict[str, list[Frame]] = {k: [frames[i] for i in v] for k, v in idx.items()}
+        if self.val_paths:
+            parts["val"] = self._read(self.val_paths)
+        if self.test_paths:
+            parts["test"] = self._read(self.test_paths)
+        if not parts["train"]:
+            raise DataError(f"the training split of {self.paths} is empty")
+        if not parts["val"]:
+            raise DataError(
+                f"the validation split of {self.paths} is empty: set data.val_fraction > 0, "
+                "data.val_path, or a split mode other than 'none'"
+            )
+        if not parts["test"]:
+            log.warning("no test split: the test stage uses the validation frames")
+            parts["test"] = parts["val"]
+        ids = {"train": idx["train"], "val": idx["val"], "test": idx["test"]}
+        for name, fr in parts.items():
+            frame_ids = ids[name] if len(ids[name]) == len(fr) else None
+            self.datasets[name] = AtomsDataset(
+                fr, self.type_map, self.rcut, self.sel, frame_ids, self.dtype
+            )
+        if self.skipped:
+            log.warning("skipped %d bad frame(s) while reading (on_error=skip)", self.skipped)
+        counts = {k: len(v) for k, v in self.datasets.items()}
+        log.info("frames per split: %s; max neighbours per type in training data: %s (sel=%s)",
+                 counts, self.datasets["train"].max_neighbors.tolist(), self.sel)
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> dict[str, Any]:
+        """Energy bias (ntypes,) eV, env_avg/env_std (ntypes, 4), max_neighbors (ntypes,)."""
+        if self._stats is None:
+            self.setup("fit")
+            train = self.datasets["train"]
+            nt = len(self.type_map)
+            counts = np.stack([
+                np.bincount(it[K.TYPES].numpy(), minlength=nt) for it in train.items
+            ])
+            energies = np.array([float(it[K.ENERGY][0]) for it in train.items])
+            rng = np.random.default_rng(self.seed)
+            pick = np.sort(rng.permutation(len(train))[: self.stats_frames])
+            avg, std = env_statistics(
+                [train.items[i] for i in pick], nt, self.rcut_smth, self.rcut
+            )
+            self._stats = {
+                "energy_bias": energy_bias(energies, counts),
+                "env_avg": avg,
+                "env_std": std,
+                "max_neighbors": train.max_neighbors,
+                "has_virial": train.has_virial,
+            }
+        return self._stats
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, name: str, batch_size: int, shuffle: bool) -> DataLoader:
+        ds = self.datasets[name]
+        sampler = GroupedBatchSampler(ds.n_atoms, batch_size, shuffle=shuffle, seed=self.seed)
+        return DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=collate_atoms,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

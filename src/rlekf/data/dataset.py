@@ -1,0 +1,179 @@
+"""In-memory data set of labelled frames with precomputed neighbour lists, and its batching.
+
+Neighbour lists are computed once per frame when the data set is built (with vesin) and kept
+with the frame; positions never change during training, so they stay valid. Each item is a
+``dict[str, Tensor]`` keyed by :mod:`rlekf.data.keys`; :func:`collate_atoms` concatenates
+frames of any atom counts into one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from rlekf.data import keys as K
+from rlekf.data.neighbors import slot_neighbors
+from rlekf.data.readers import DataError, Frame, apply_type_map
+
+__all__ = ["AtomsDataset", "GroupedBatchSampler", "collate_atoms", "frame_to_item"]
+
+
+def frame_to_item(
+    frame: Frame,
+    type_map: Sequence[str],
+    rcut: float,
+    sel: Sequence[int],
+    frame_id: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
+    """Convert one :class:`Frame` into a single-frame item with its neighbour list.
+
+    Raises:
+        DataError: element not in the type map, or more neighbours than ``sel`` allows.
+    """
+    where = f"{frame.source} frame {frame.index}"
+    types = apply_type_map(frame.numbers, list(type_map), frame.source, frame.index)
+    try:
+        nl = slot_neighbors(frame.positions, frame.cell, frame.pbc, types, rcut, list(sel),
+                            where=where)
+    except ValueError as exc:
+        raise DataError(str(exc)) from exc
+    n = len(types)
+    has_virial = frame.virial is not None
+    virial = frame.virial if has_virial else np.zeros((3, 3))
+    return {
+        K.POSITIONS: torch.as_tensor(frame.positions, dtype=dtype),
+        K.CELL: torch.as_tensor(frame.cell, dtype=dtype).reshape(1, 3, 3),
+        K.PBC: torch.as_tensor(np.asarray(frame.pbc, dtype=bool)).reshape(1, 3),
+        K.NUMBERS: torch.as_tensor(frame.numbers, dtype=torch.int64),
+        K.TYPES: torch.as_tensor(types, dtype=torch.int64),
+        K.N_ATOMS: torch.tensor([n], dtype=torch.int64),
+        K.ENERGY: torch.tensor([float(frame.energy)], dtype=dtype),
+        K.FORCES: torch.as_tensor(frame.forces, dtype=dtype),
+        K.VIRIAL: torch.as_tensor(virial, dtype=dtype).reshape(1, 3, 3),
+        K.HAS_VIRIAL: torch.tensor([has_virial]),
+        K.NEIGHBORS: torch.as_tensor(nl.neighbors, dtype=torch.int32),
+        K.SHIFTS: torch.as_tensor(nl.shifts, dtype=torch.int16),
+        K.FRAME_ID: torch.tensor([frame_id], dtype=torch.int64),
+        "_max_count": torch.as_tensor(nl.max_count),
+    }
+
+
+class AtomsDataset(Dataset):
+    """Frames with neighbour lists, built once.
+
+    Args:
+        frames: labelled frames (see :func:`rlekf.data.readers.read_frames`).
+        type_map: element symbols of the model.
+        rcut: cutoff (Å) of the model.
+        sel: neighbour slots per type of the model.
+        frame_ids: global ids stored in each item (default ``range(len(frames))``).
+        dtype: float dtype of positions and labels.
+    """
+
+    def __init__(
+        self,
+        frames: Sequence[Frame],
+        type_map: Sequence[str],
+        rcut: float,
+        sel: Sequence[int],
+        frame_ids: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.frames = list(frames)
+        ids = list(range(len(self.frames))) if frame_ids is None else list(frame_ids)
+        self.items = [
+            frame_to_item(f, type_map, rcut, sel, i, dtype)
+            for f, i in zip(self.frames, ids, strict=True)
+        ]
+        ntypes = len(type_map)
+        self.max_neighbors = np.zeros(ntypes, dtype=np.int64)
+        for item in self.items:
+            self.max_neighbors = np.maximum(self.max_neighbors, item.pop("_max_count").numpy())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+    @property
+    def n_atoms(self) -> list[int]:
+        return [int(item[K.N_ATOMS][0]) for item in self.items]
+
+    @property
+    def has_virial(self) -> bool:
+        """True when every frame carries a virial label."""
+        return bool(self.items) and all(bool(it[K.HAS_VIRIAL][0]) for it in self.items)
+
+
+_PER_FRAME = (K.CELL, K.PBC, K.N_ATOMS, K.ENERGY, K.VIRIAL, K.HAS_VIRIAL, K.FRAME_ID)
+_PER_ATOM = (K.POSITIONS, K.NUMBERS, K.TYPES, K.FORCES, K.SHIFTS)
+
+
+def collate_atoms(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate frames of any sizes into one batch; neighbour indices become global."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in _PER_FRAME + _PER_ATOM:
+        batch[key] = torch.cat([it[key] for it in items], dim=0)
+    counts = [int(it[K.N_ATOMS][0]) for it in items]
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    nbrs = []
+    for it, off in zip(items, offsets, strict=True):
+        nb = it[K.NEIGHBORS].to(torch.int64)
+        nbrs.append(torch.where(nb >= 0, nb + int(off), nb))
+    batch[K.NEIGHBORS] = torch.cat(nbrs, dim=0)
+    batch[K.BATCH] = torch.repeat_interleave(
+        torch.arange(len(items), dtype=torch.int64), torch.tensor(counts)
+    )
+    return batch
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches whose frames all have the same atom count (needed by the Kalman energy update).
+
+    Frames are grouped by atom count; with ``shuffle`` the order inside each group and the order
+    of the batches are drawn from a generator seeded with ``seed + epoch``, so every epoch is
+    reproducible and a run resumed at an epoch boundary sees the same batches.
+    """
+
+    def __init__(
+        self, n_atoms: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n_atoms = list(n_atoms)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(self.n_atoms):
+            groups.setdefault(n, []).append(i)
+        batches: list[list[int]] = []
+        for n in sorted(groups):
+            idx = groups[n]
+            if self.shuffle:
+                idx = [idx[k] for k in torch.randperm(len(idx), generator=gen).tolist()]
+            batches += [idx[k : k + self.batch_size] for k in range(0, len(idx), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        groups: dict[int, int] = {}
+        for n in self.n_atoms:
+            groups[n] = groups.get(n, 0) + 1
+        return sum(-(-c // self.batch_size) for c in groups.values())

@@ -1,0 +1,1 @@
+"""Glue for the Hydra entry points (the only place besides train/eval that imports Hydra)."""
