@@ -21,8 +21,10 @@ def shared_data_dir() -> Path | None:
 def shared_data() -> Path:
     path = shared_data_dir()
     if path is None:
-        pytest.skip("real DFT data not found at ../shared/data (set RLEKF_SHARED_DATA); "
-                    "this test needs the shared data sets beside the clone")
+        pytest.skip(
+            "real DFT data not found at ../shared/data (set RLEKF_SHARED_DATA); "
+            "this test needs the shared data sets beside the clone"
+        )
     return path
 
 

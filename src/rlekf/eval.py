@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -12,6 +14,11 @@ from omegaconf import DictConfig
 from rlekf.utils.instantiate import instantiate_many
 
 log = logging.getLogger(__name__)
+
+# configs/ at the repository root (editable install); RLEKF_CONFIG_DIR overrides
+CONFIG_DIR = os.environ.get(
+    "RLEKF_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs")
+)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -28,7 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,6 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from rlekf.utils.instantiate import instantiate_many, print_config
 
 log = logging.getLogger(__name__)
+
+# configs/ at the repository root (editable install); RLEKF_CONFIG_DIR overrides
+CONFIG_DIR = os.environ.get(
+    "RLEKF_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs")
+)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -44,13 +50,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.get("test", False):
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            best = (
+                trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            )
             trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     finally:
         _finish_wandb(loggers)
     summary = ", ".join(
-        f"{k}={metrics[k]:.4g}" for k in sorted(metrics)
+        f"{k}={metrics[k]:.4g}"
+        for k in sorted(metrics)
         if k.split("/")[-1] in ("energy_rmse", "force_rmse")
     )
     log.info("final metrics: %s (energy in eV/atom, force in eV/Å)", summary)
@@ -66,7 +75,7 @@ def _finish_wandb(loggers: list[Any]) -> None:
         wandb.finish()
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra app; returns the monitored metric for sweepers."""
     metrics, _ = train(cfg)

@@ -38,9 +38,15 @@ def water_like_frame(seed: int = 0, n_mol: int = 8, box: float = 6.5) -> Frame:
         numbers += [8, 1, 1]
     n = len(numbers)
     return Frame(
-        positions=np.array(pos), cell=np.eye(3) * box, pbc=np.array([True] * 3),
-        numbers=np.array(numbers), energy=-100.0, forces=np.zeros((n, 3)), virial=None,
-        source="<water-like>", index=seed,
+        positions=np.array(pos),
+        cell=np.eye(3) * box,
+        pbc=np.array([True] * 3),
+        numbers=np.array(numbers),
+        energy=-100.0,
+        forces=np.zeros((n, 3)),
+        virial=None,
+        source="<water-like>",
+        index=seed,
     )
 
 
@@ -49,8 +55,7 @@ def model_and_batch(frames, type_map, sel, rcut=6.0, rcut_smth=0.5, seed=0, **kw
     items = [frame_to_item(f, type_map, rcut, sel, i) for i, f in enumerate(frames)]
     model = DeepPotential(type_map, rcut=rcut, rcut_smth=rcut_smth, sel=sel, seed=seed, **kw)
     avg, std = env_statistics(items, len(type_map), rcut_smth, rcut)
-    model.set_statistics({"env_avg": avg, "env_std": std,
-                          "energy_bias": np.zeros(len(type_map))})
+    model.set_statistics({"env_avg": avg, "env_std": std, "energy_bias": np.zeros(len(type_map))})
     return model, collate_atoms(items)
 
 

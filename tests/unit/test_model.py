@@ -94,8 +94,15 @@ def test_energy_invariances():
     from tests.helpers.frames import Frame
 
     def rebuilt(positions, cell, numbers=frame.numbers):
-        f = Frame(positions=positions, cell=cell, pbc=frame.pbc, numbers=numbers,
-                  energy=frame.energy, forces=frame.forces, source="<t>")
+        f = Frame(
+            positions=positions,
+            cell=cell,
+            pbc=frame.pbc,
+            numbers=numbers,
+            energy=frame.energy,
+            forces=frame.forces,
+            source="<t>",
+        )
         return model_and_batch([f], ["Cu"], [100])[1]
 
     e_rot = float(energy(model, rebuilt(frame.positions @ q.T, frame.cell @ q.T)).sum())
@@ -113,8 +120,15 @@ def test_energy_continuous_across_cutoff():
     from rlekf.data.readers import Frame
 
     def dimer(r):
-        f = Frame(positions=[[0, 0, 0], [r, 0, 0]], cell=np.zeros((3, 3)), pbc=[False] * 3,
-                  numbers=[29, 29], energy=0.0, forces=np.zeros((2, 3)), source="<d>")
+        f = Frame(
+            positions=[[0, 0, 0], [r, 0, 0]],
+            cell=np.zeros((3, 3)),
+            pbc=[False] * 3,
+            numbers=[29, 29],
+            energy=0.0,
+            forces=np.zeros((2, 3)),
+            source="<d>",
+        )
         return f
 
     model, _ = model_and_batch([dimer(3.0)], ["Cu"], [4], rcut=4.0, rcut_smth=3.0)

@@ -11,8 +11,21 @@ from rlekf.data.neighbors import NeighborOverflowError, slot_neighbors
 
 
 def brute_force(positions, cell, pbc, cutoff):
-    reps = [int(np.ceil(cutoff / (np.linalg.det(cell) / np.linalg.norm(
-        np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3]))))) + 1 if pbc[k] else 0 for k in range(3)]
+    reps = [
+        int(
+            np.ceil(
+                cutoff
+                / (
+                    np.linalg.det(cell)
+                    / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3]))
+                )
+            )
+        )
+        + 1
+        if pbc[k]
+        else 0
+        for k in range(3)
+    ]
     pairs = set()
     n = len(positions)
     for s in itertools.product(*[range(-r, r + 1) for r in reps]):
@@ -60,13 +73,21 @@ def test_neighbor_list_equals_brute_force(cell, pbc):
             js = row[lo:hi]
             js = js[js >= 0]
             assert np.all(types[js] == k)
-            d = np.linalg.norm(positions[js] + nl.shifts[i, lo:lo + len(js)] @ cell
-                               - positions[i], axis=1)
+            d = np.linalg.norm(
+                positions[js] + nl.shifts[i, lo : lo + len(js)] @ cell - positions[i], axis=1
+            )
             assert np.all(np.diff(d) >= -1e-12)
 
 
 def test_overflow_is_an_error_not_a_silent_cut():
     positions = np.random.default_rng(1).uniform(0, 3, (10, 3))
     with pytest.raises(NeighborOverflowError, match=r"sel\[0\]=3"):
-        slot_neighbors(positions, np.eye(3) * 3, np.array([True] * 3), np.zeros(10, int), 4.0,
-                       [3], where="x.xyz frame 2")
+        slot_neighbors(
+            positions,
+            np.eye(3) * 3,
+            np.array([True] * 3),
+            np.zeros(10, int),
+            4.0,
+            [3],
+            where="x.xyz frame 2",
+        )

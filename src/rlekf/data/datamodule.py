@@ -258,8 +258,12 @@ class AtomsDataModule(L.LightningDataModule):
         if self.skipped:
             log.warning("skipped %d bad frame(s) while reading (on_error=skip)", self.skipped)
         counts = {k: len(v) for k, v in self.datasets.items()}
-        log.info("frames per split: %s; max neighbours per type in training data: %s (sel=%s)",
-                 counts, self.datasets["train"].max_neighbors.tolist(), self.sel)
+        log.info(
+            "frames per split: %s; max neighbours per type in training data: %s (sel=%s)",
+            counts,
+            self.datasets["train"].max_neighbors.tolist(),
+            self.sel,
+        )
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict[str, Any]:
@@ -268,9 +272,9 @@ class AtomsDataModule(L.LightningDataModule):
             self.setup("fit")
             train = self.datasets["train"]
             nt = len(self.type_map)
-            counts = np.stack([
-                np.bincount(it[K.TYPES].numpy(), minlength=nt) for it in train.items
-            ])
+            counts = np.stack(
+                [np.bincount(it[K.TYPES].numpy(), minlength=nt) for it in train.items]
+            )
             energies = np.array([float(it[K.ENERGY][0]) for it in train.items])
             rng = np.random.default_rng(self.seed)
             pick = np.sort(rng.permutation(len(train))[: self.stats_frames])

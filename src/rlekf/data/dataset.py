@@ -37,8 +37,9 @@ def frame_to_item(
     where = f"{frame.source} frame {frame.index}"
     types = apply_type_map(frame.numbers, list(type_map), frame.source, frame.index)
     try:
-        nl = slot_neighbors(frame.positions, frame.cell, frame.pbc, types, rcut, list(sel),
-                            where=where)
+        nl = slot_neighbors(
+            frame.positions, frame.cell, frame.pbc, types, rcut, list(sel), where=where
+        )
     except ValueError as exc:
         raise DataError(str(exc)) from exc
     n = len(types)

@@ -15,9 +15,7 @@ __all__ = ["energy_bias", "env_statistics"]
 _MIN_STD = 1.0e-2  # as DeePMD-kit's protection against a vanishing spread
 
 
-def energy_bias(
-    energies: np.ndarray, type_counts: np.ndarray
-) -> np.ndarray:
+def energy_bias(energies: np.ndarray, type_counts: np.ndarray) -> np.ndarray:
     """Per-element energies e_t (eV) minimising Σ_f (E_f − Σ_t c_ft e_t)² (least squares).
 
     Args:

@@ -66,10 +66,16 @@ class Dense(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """DeePMD-style default: W ~ N(0, 1/(n_in+n_out)), b ~ N(0, 1), d ~ N(0.1, 0.001)."""
+        """DeePMD-style init: W ~ N(0, 1/(n_in+n_out)), b ~ N(0, 1), d ~ N(0.1, 0.001).
+
+        The output-layer bias starts at 0: the energy-bias buffer carries the shift.
+        """
         with torch.no_grad():
             self.weight.normal_(0.0, 1.0 / math.sqrt(self.n_in + self.n_out))
-            self.bias.normal_(0.0, 1.0)
+            if self.activation:
+                self.bias.normal_(0.0, 1.0)
+            else:  # output layer: the energy-bias buffer carries the per-element shift
+                self.bias.zero_()
             if self.timestep is not None:
                 self.timestep.normal_(0.1, 0.001)
 
@@ -195,7 +201,9 @@ class DeepPotential(nn.Module):
             torch.manual_seed(seed)
         try:
             n_emb = nt if type_one_side else nt * nt
-            self.embeddings = nn.ModuleList(EmbeddingNet(embedding, self.dtype) for _ in range(n_emb))
+            self.embeddings = nn.ModuleList(
+                EmbeddingNet(embedding, self.dtype) for _ in range(n_emb)
+            )
             n_desc = embedding[-1] * axis_neuron
             self.fittings = nn.ModuleList(
                 FittingNet(n_desc, fitting, resnet_dt, self.dtype) for _ in range(nt)
@@ -234,8 +242,13 @@ class DeepPotential(nn.Module):
         return self.embeddings[tj if self.type_one_side else ti * self.ntypes + tj]
 
     def atomic_energy(
-        self, positions: Tensor, cell: Tensor, types: Tensor, batch: Tensor,
-        neighbors: Tensor, shifts: Tensor,
+        self,
+        positions: Tensor,
+        cell: Tensor,
+        types: Tensor,
+        batch: Tensor,
+        neighbors: Tensor,
+        shifts: Tensor,
     ) -> Tensor:
         """Energy of each atom (N,) in eV."""
         rij, mask = pair_vectors(positions, cell, batch, neighbors, shifts)
@@ -315,4 +328,3 @@ class DeepPotential(nn.Module):
             if virial:
                 out[K.VIRIAL] = -grads[-1]
         return out
-

@@ -46,9 +46,7 @@ def pair_vectors(
     return rij, mask
 
 
-def environment_matrix(
-    rij: Tensor, mask: Tensor, rcut_smth: float, rcut: float
-) -> Tensor:
+def environment_matrix(rij: Tensor, mask: Tensor, rcut_smth: float, rcut: float) -> Tensor:
     """Rows (s, s·x/r, s·y/r, s·z/r) of R̃ for every slot, zero for empty slots.
 
     Args:

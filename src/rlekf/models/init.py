@@ -5,7 +5,7 @@ Each scheme is a plain function ``scheme(model, **kwargs)`` that re-initialises 
 ``configs/model/init/`` bind the keyword arguments with ``_partial_: true``. ``scale``
 multiplies the weights (and, where random, the biases) of every scheme, so sweeps can test the
 paper's claim that RLEKF is insensitive to initialisation. Timestep vectors are always
-N(0.1, 0.001) as in DeePMD-kit.
+N(0.1, 0.001) as in DeePMD-kit; the output-layer bias always starts at 0.
 
 Weights are stored as (n_in, n_out), so fan-in is ``shape[0]``; torch's initialisers are applied
 to the transposed view, which has torch's (n_out, n_in) layout.
@@ -41,6 +41,10 @@ def _dense_layers(model: nn.Module) -> Iterator[Dense]:
 
 def _finish(layer: Dense, scale: float) -> None:
     layer.weight.mul_(scale)
+    if not layer.activation:
+        # output layer: the per-element energy bias buffer carries the shift, so the bias
+        # starts at 0 (a large initial energy error would make the first Kalman step huge)
+        layer.bias.zero_()
     if layer.timestep is not None:
         layer.timestep.normal_(0.1, 0.001)
 

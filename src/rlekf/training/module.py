@@ -67,8 +67,9 @@ class ForceFieldModule(L.LightningModule):
         self.max_consecutive_skips = int(max_consecutive_skips)
         self._consecutive_skips = 0
         self._last_skipped = 0
+        # ModuleDict keys cannot be "train" (nn.Module.train): prefix the stage
         self.metrics = torch.nn.ModuleDict(
-            {s: ForceFieldMetrics(virial=True) for s in ("train", "val", "test")}
+            {f"stage_{s}": ForceFieldMetrics(virial=True) for s in ("train", "val", "test")}
         )
 
     # ------------------------------------------------------------------ setup
@@ -81,9 +82,12 @@ class ForceFieldModule(L.LightningModule):
             self.model.set_statistics(stats)
             log.info(
                 "statistics from the training set: energy bias %s eV/atom; max neighbours %s "
-                "(sel %s)", dict(zip(self.model.type_map, stats["energy_bias"].round(4).tolist(),
-                                     strict=True)),
-                stats["max_neighbors"].tolist(), self.model.sel,
+                "(sel %s)",
+                dict(
+                    zip(self.model.type_map, stats["energy_bias"].round(4).tolist(), strict=True)
+                ),
+                stats["max_neighbors"].tolist(),
+                self.model.sel,
             )
         if self.train_virial_arg is None:
             has = dm.datasets["train"].has_virial if dm.datasets else False
@@ -96,9 +100,11 @@ class ForceFieldModule(L.LightningModule):
         opt = self._raw_optimizer()
         if isinstance(opt, RLEKF):
             gib = opt.p_bytes / 2**30
-            msg = (f"RLEKF: {sum(opt.block_sizes)} parameters in {len(opt.block_sizes)} blocks "
-                   f"{opt.block_sizes}; P holds {opt.p_numel:,} entries = {gib:.3f} GiB "
-                   f"({opt.p_dtype})")
+            msg = (
+                f"RLEKF: {sum(opt.block_sizes)} parameters in {len(opt.block_sizes)} blocks "
+                f"{opt.block_sizes}; P holds {opt.p_numel:,} entries = {gib:.3f} GiB "
+                f"({opt.p_dtype})"
+            )
             log.info(msg)
             self.print(msg)
         if isinstance(self.updater, GradientUpdater):
@@ -123,25 +129,28 @@ class ForceFieldModule(L.LightningModule):
             self._last_skipped = raw.n_skipped
             self._check_skips(skipped_now > 0, f"{skipped_now} Kalman update(s)")
             self.log("kf/lambda", raw.lam, on_step=True, on_epoch=False, batch_size=bs)
-            self.log("kf/updates", float(raw.n_updates), on_step=True, on_epoch=False,
-                     batch_size=bs)
-            self.log("kf/skipped", float(raw.n_skipped), on_step=True, on_epoch=False,
-                     batch_size=bs)
+            self.log(
+                "kf/updates", float(raw.n_updates), on_step=True, on_epoch=False, batch_size=bs
+            )
+            self.log(
+                "kf/skipped", float(raw.n_skipped), on_step=True, on_epoch=False, batch_size=bs
+            )
             if self.log_p_every and batch_idx % self.log_p_every == 0:
                 stats = raw.kalman_stats()
                 for i, (tr, md) in enumerate(zip(stats["trace"], stats["min_diag"], strict=True)):
-                    self.log(f"kf/P{i}_trace", float(tr), on_step=True, on_epoch=False,
-                             batch_size=bs)
-                    self.log(f"kf/P{i}_min_diag", float(md), on_step=True, on_epoch=False,
-                             batch_size=bs)
+                    self.log(
+                        f"kf/P{i}_trace", float(tr), on_step=True, on_epoch=False, batch_size=bs
+                    )
+                    self.log(
+                        f"kf/P{i}_min_diag", float(md), on_step=True, on_epoch=False, batch_size=bs
+                    )
         else:
             preds = self.updater.update(self.model, batch, opt, virial=self.train_virial)
             self._check_skips(bool(preds["skipped"]), "gradient step(s)")
             self.log("train/loss", preds["loss"], on_step=True, on_epoch=True, batch_size=bs)
-            self.log("train/lr", self.updater.last_lr, on_step=True, on_epoch=False,
-                     batch_size=bs)
+            self.log("train/lr", self.updater.last_lr, on_step=True, on_epoch=False, batch_size=bs)
         if K.FORCES in preds:
-            self.metrics["train"].update(preds, batch)
+            self.metrics["stage_train"].update(preds, batch)
 
     def _check_skips(self, skipped: bool, what: str) -> None:
         self._consecutive_skips = self._consecutive_skips + 1 if skipped else 0
@@ -158,7 +167,7 @@ class ForceFieldModule(L.LightningModule):
         virial = self.train_virial and bool(batch[K.HAS_VIRIAL].any())
         with torch.enable_grad():
             preds = self.model(batch, forces=True, virial=virial)
-        self.metrics[stage].update({k: v.detach() for k, v in preds.items()}, batch)
+        self.metrics[f"stage_{stage}"].update({k: v.detach() for k, v in preds.items()}, batch)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -167,12 +176,15 @@ class ForceFieldModule(L.LightningModule):
         self._eval_step("test", batch)
 
     def _log_stage(self, stage: str) -> None:
-        values = self.metrics[stage].compute()
+        values = self.metrics[f"stage_{stage}"].compute()
         for name, value in values.items():
-            self.log(f"{stage}/{name}", float(value),
-                     prog_bar=name in ("energy_rmse", "force_rmse") and stage != "train",
-                     sync_dist=True)
-        self.metrics[stage].reset()
+            self.log(
+                f"{stage}/{name}",
+                float(value),
+                prog_bar=name in ("energy_rmse", "force_rmse") and stage != "train",
+                sync_dist=True,
+            )
+        self.metrics[f"stage_{stage}"].reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_stage("train")

@@ -129,7 +129,9 @@ class KalmanUpdater:
             atoms = torch.randint(n, (self.n_select,), generator=self.generator)
             for group in atoms.reshape(-1, self.group_size):
                 optimizer.zero_grad(set_to_none=True)
-                eps, out = self.force_measurement(model, batch, n, group.to(batch[K.FORCES].device))
+                eps, out = self.force_measurement(
+                    model, batch, n, group.to(batch[K.FORCES].device)
+                )
                 optimizer.step(error=eps)
         optimizer.zero_grad(set_to_none=True)
         return {k: v.detach() for k, v in out.items()}
@@ -203,8 +205,11 @@ class GradientUpdater:
             self.decay_steps = max(self.stop_steps // 100, 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "stop_steps": self.stop_steps,
-                "decay_steps": self.decay_steps}
+        return {
+            "step_count": self.step_count,
+            "stop_steps": self.stop_steps,
+            "decay_steps": self.decay_steps,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step_count = int(state["step_count"])
@@ -219,8 +224,9 @@ class GradientUpdater:
         start, limit = self.pref[key]
         return limit + (start - limit) * lr / self.start_lr
 
-    def loss(self, out: Mapping[str, Tensor], batch: Mapping[str, Tensor], lr: float,
-             virial: bool) -> Tensor:
+    def loss(
+        self, out: Mapping[str, Tensor], batch: Mapping[str, Tensor], lr: float, virial: bool
+    ) -> Tensor:
         n = batch[K.N_ATOMS].to(out[K.ENERGY].dtype)
         de = out[K.ENERGY] - batch[K.ENERGY].to(out[K.ENERGY].dtype)
         loss = self.prefactor("e", lr) * torch.mean(de**2 / n)
@@ -245,7 +251,8 @@ class GradientUpdater:
             loss.backward()
             grads_ok = all(
                 p.grad is None or bool(torch.isfinite(p.grad).all())
-                for g in optimizer.param_groups for p in g["params"]
+                for g in optimizer.param_groups
+                for p in g["params"]
             )
             skipped = not grads_ok
         if not skipped:

@@ -1,0 +1,62 @@
+"""End-to-end training through the real Hydra configs (CPU, small settings)."""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+import pytest
+import torch
+
+from rlekf.train import train
+from tests.helpers.hydra import FAST_DATA, compose_cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.mark.parametrize("optim", ["rlekf", "gekf", "adam"])
+def test_fast_dev_run(optim, tmp_path, data_dir):
+    overrides = [f"optim={optim}", "debug=fdr", "model=small", "extras.print_config=false",
+                 *FAST_DATA]
+    if optim == "rlekf":
+        overrides.append("optim.optimizer.block_size=512")  # the small model has 1,505 weights
+    cfg = compose_cfg("train", overrides, tmp_path, data_dir)
+    metrics, objects = train(cfg)
+    assert "val/force_rmse" in metrics
+    assert torch.isfinite(torch.tensor(metrics["val/force_rmse"]))
+    if optim != "adam":
+        opt = objects["trainer"].optimizers[0]
+        assert opt.n_updates == 5  # 1 energy + 24/6 force updates
+        assert (len(opt.block_sizes) == 1) == (optim == "gekf")
+
+
+def test_default_train_config_with_csv_logger_and_checkpoints(tmp_path, data_dir):
+    overrides = ["model=small", "logger=csv", "trainer.max_epochs=1",
+                 "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+                 "+trainer.limit_test_batches=1", "extras.print_config=false", *FAST_DATA]
+    cfg = compose_cfg("train", overrides, tmp_path, data_dir)
+    metrics, _ = train(cfg)
+    assert "test/force_rmse" in metrics
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "split.json").exists()
+    assert (tmp_path / "csv" / "metrics.csv").exists()
+
+
+def test_short_rlekf_run_lowers_validation_force_rmse(tmp_path, data_dir):
+    overrides = ["model=small", "logger=none", "callbacks=none", "trainer.max_epochs=2",
+                 "+trainer.limit_train_batches=6", "extras.print_config=false", "test=false",
+                 *FAST_DATA]
+    cfg = compose_cfg("train", overrides, tmp_path, data_dir)
+    L.seed_everything(0)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    task = hydra.utils.instantiate(cfg.task, model=model)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    datamodule.setup("fit")
+    model.set_statistics(datamodule.stats())
+    before = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/force_rmse"]
+    trainer.fit(task, datamodule=datamodule)
+    after = float(trainer.callback_metrics["val/force_rmse"])
+    assert after < 0.7 * before, (before, after)
