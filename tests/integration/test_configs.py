@@ -14,8 +14,21 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-GROUPS = ["data", "model", "model/init", "optim", "task", "trainer", "callbacks", "logger",
-          "experiment", "debug", "extras", "paths", "hydra"]
+GROUPS = [
+    "data",
+    "model",
+    "model/init",
+    "optim",
+    "task",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+    "debug",
+    "extras",
+    "paths",
+    "hydra",
+]
 
 
 @pytest.mark.parametrize(
@@ -39,20 +52,20 @@ def test_eval_config_requires_checkpoint(tmp_path):
 @pytest.mark.parametrize("optim", _options("optim"))
 @pytest.mark.parametrize("init", _options("model/init"))
 def test_model_and_task_instantiate(optim, init, tmp_path):
-    cfg = compose_cfg("train", [f"optim={optim}", f"model/init={init}", "model=small"],
-                      tmp_path)
+    cfg = compose_cfg("train", [f"optim={optim}", f"model/init={init}", "model=small"], tmp_path)
     model = hydra.utils.instantiate(cfg.model)
     task = hydra.utils.instantiate(cfg.task, model=model)
     opt = task.configure_optimizers()
     assert sum(p.numel() for p in opt.param_groups[0]["params"]) == sum(
-        p.numel() for p in model.parameters())
+        p.numel() for p in model.parameters()
+    )
 
 
 def test_callbacks_and_loggers_instantiate(tmp_path):
     from rlekf.utils.instantiate import instantiate_many
 
     cfg = compose_cfg("train", ["logger=many"], tmp_path)
-    assert len(instantiate_many(cfg.callbacks, "callback")) == 3
+    assert len(instantiate_many(cfg.callbacks, "callback")) == 4
     loggers = instantiate_many(cfg.logger, "logger")
     assert {type(lg).__name__ for lg in loggers} == {"CSVLogger", "WandbLogger"}
 

@@ -18,8 +18,13 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("optim", ["rlekf", "gekf", "adam"])
 def test_fast_dev_run(optim, tmp_path, data_dir):
-    overrides = [f"optim={optim}", "debug=fdr", "model=small", "extras.print_config=false",
-                 *FAST_DATA]
+    overrides = [
+        f"optim={optim}",
+        "debug=fdr",
+        "model=small",
+        "extras.print_config=false",
+        *FAST_DATA,
+    ]
     if optim == "rlekf":
         overrides.append("optim.optimizer.block_size=512")  # the small model has 1,505 weights
     cfg = compose_cfg("train", overrides, tmp_path, data_dir)
@@ -33,9 +38,16 @@ def test_fast_dev_run(optim, tmp_path, data_dir):
 
 
 def test_default_train_config_with_csv_logger_and_checkpoints(tmp_path, data_dir):
-    overrides = ["model=small", "logger=csv", "trainer.max_epochs=1",
-                 "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-                 "+trainer.limit_test_batches=1", "extras.print_config=false", *FAST_DATA]
+    overrides = [
+        "model=small",
+        "logger=csv",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "extras.print_config=false",
+        *FAST_DATA,
+    ]
     cfg = compose_cfg("train", overrides, tmp_path, data_dir)
     metrics, _ = train(cfg)
     assert "test/force_rmse" in metrics
@@ -45,9 +57,18 @@ def test_default_train_config_with_csv_logger_and_checkpoints(tmp_path, data_dir
 
 
 def test_short_rlekf_run_lowers_validation_force_rmse(tmp_path, data_dir):
-    overrides = ["model=small", "logger=none", "callbacks=none", "trainer.max_epochs=2",
-                 "+trainer.limit_train_batches=6", "extras.print_config=false", "test=false",
-                 *FAST_DATA]
+    # forces start to learn once forgetting has inflated P (a few hundred updates, reference
+    # §1.3 and peer lessons): 3 epochs of 36 single-frame batches = 540 Kalman updates
+    overrides = [
+        "model=small",
+        "logger=none",
+        "callbacks=none",
+        "trainer.max_epochs=3",
+        "extras.print_config=false",
+        "test=false",
+        *FAST_DATA,
+        "data.batch_size=1",
+    ]
     cfg = compose_cfg("train", overrides, tmp_path, data_dir)
     L.seed_everything(0)
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -59,4 +80,4 @@ def test_short_rlekf_run_lowers_validation_force_rmse(tmp_path, data_dir):
     before = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/force_rmse"]
     trainer.fit(task, datamodule=datamodule)
     after = float(trainer.callback_metrics["val/force_rmse"])
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.5 * before, (before, after)

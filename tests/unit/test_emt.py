@@ -91,22 +91,6 @@ def test_invalid_arguments() -> None:
         cache_name(bogus=1)
 
 
-@pytest.mark.parametrize("size", [1, 2])
-def test_fast_propagator_matches_ase_emt(size: int) -> None:
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-
-    atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat(size)
-    rng = np.random.default_rng(3)
-    atoms.set_cell(np.asarray(atoms.cell) @ (np.eye(3) + 0.01 * rng.normal(size=(3, 3))), True)
-    atoms.rattle(0.1, rng=rng)
-    atoms.calc = EMT()
-    fast = emt._FastCuEMT(atoms)
-    np.testing.assert_allclose(
-        fast.forces(atoms.positions, np.asarray(atoms.cell)), atoms.get_forces(), atol=1e-10
-    )
-
-
 def test_cache_roundtrip_and_reuse(tmp_path: Path, small_frames, monkeypatch) -> None:
     path = ensure_cu_emt(tmp_path, **SMALL)
     assert path.name == f"{cache_name(**SMALL)}.extxyz" and path.parent == tmp_path
@@ -175,9 +159,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_defaults_run_quickly() -> None:
-    start = time.perf_counter()
+def test_defaults_give_the_documented_set() -> None:
     frames = generate_cu_emt()
-    elapsed = time.perf_counter() - start
     assert len(frames) == 240 and frames[0].n_atoms == 108
-    assert elapsed < 30.0, f"default generation took {elapsed:.1f} s"
+    assert all(f.virial is not None for f in frames)

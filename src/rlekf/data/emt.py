@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Bump when the generation algorithm changes so old caches are not reused.
-GENERATOR_VERSION: int = 1
+GENERATOR_VERSION: int = 2
 
 _TIMESTEP_FS = 5.0  # MD time step (fs)
 _FRICTION_PER_FS = 0.02  # Langevin friction (1/fs)
@@ -65,10 +65,10 @@ def generate_cu_emt(
     friction 0.02/fs), and then a frame is recorded every ``10`` steps (50 fs).
 
     All randomness comes from ``np.random.SeedSequence(seed)``, so the result is deterministic
-    for a given seed (on a given platform and ASE version). The MD is propagated with a
-    vectorised copy of EMT (checked against ASE at every recorded frame) and every recorded
-    label is computed by :class:`ase.calculators.emt.EMT`; the defaults take about 5-10 s on
-    one CPU core. Recorded positions are wrapped into the cell.
+    for a given seed (on a given platform and ASE version). The MD is ASE's own
+    :class:`ase.md.langevin.Langevin` driving :class:`ase.calculators.emt.EMT`; the defaults
+    take about 30 s on one CPU core, once (the result is cached by :func:`ensure_cu_emt`).
+    Recorded positions are wrapped into the cell.
 
     Args:
         n_frames: Total number of frames, spread as evenly as possible over the blocks (the
@@ -91,6 +91,13 @@ def generate_cu_emt(
     from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.geometry import wrap_positions
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import Stationary
+
+    try:  # ase >= 3.29
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:  # pragma: no cover - older ase
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
     temperatures = [float(t) for t in temperatures]
     strains = [float(s) for s in strains]
@@ -107,13 +114,10 @@ def generate_cu_emt(
     children = np.random.SeedSequence(seed).spawn(len(blocks))
     base = bulk("Cu", "fcc", a=a, cubic=True).repeat(size)
     dt = _TIMESTEP_FS * units.fs
-    gamma = _FRICTION_PER_FS / units.fs
-    c1 = float(np.exp(-gamma * dt))
-    c2 = float(np.sqrt(1.0 - c1 * c1))
+    friction = _FRICTION_PER_FS / units.fs
     source = f"<generated cu_emt seed={seed}>"
 
     frames: list[Frame] = []
-    fast_ok = True
     for (temp, strain), n_block, child in zip(blocks, per_block, children, strict=True):
         if n_block == 0:
             continue
@@ -123,45 +127,24 @@ def generate_cu_emt(
         deform = (1.0 + strain) * np.eye(3) + 0.5 * (noise + noise.T)
         atoms.set_cell(np.asarray(base.get_cell()) @ deform, scale_atoms=True)
         atoms.calc = EMT()
+        thermalize_momenta(atoms, temperature_K=2.0 * temp, rng=rng)
+        Stationary(atoms)
+        dyn = Langevin(
+            atoms, timestep=dt, temperature_K=temp, friction=friction, rng=rng, fixcm=False
+        )
+        dyn.run(_EQUILIBRATION_STEPS)
         cell = np.asarray(atoms.get_cell())
-        fast = _try_fast_emt(atoms) if fast_ok else None
-
-        masses = atoms.get_masses()[:, None]  # amu
-        kt = units.kB * temp  # eV
-        vel = rng.standard_normal((len(atoms), 3)) * np.sqrt(2.0 * kt / masses)
-        vel -= (masses * vel).sum(axis=0) / masses.sum()  # zero total momentum
-        pos = atoms.get_positions()
-        forces = _md_forces(fast, atoms, pos, cell)
-        sigma = np.sqrt(kt / masses)
-
-        n_steps = _EQUILIBRATION_STEPS + n_block * _SAMPLE_INTERVAL
-        for step in range(1, n_steps + 1):
-            # BAOAB Langevin integrator (Leimkuhler & Matthews), ASE units.
-            vel += 0.5 * dt * forces / masses
-            pos += 0.5 * dt * vel
-            vel = c1 * vel + c2 * sigma * rng.standard_normal(vel.shape)
-            pos += 0.5 * dt * vel
-            forces = _md_forces(fast, atoms, pos, cell)
-            vel += 0.5 * dt * forces / masses
-            if step <= _EQUILIBRATION_STEPS or (step - _EQUILIBRATION_STEPS) % _SAMPLE_INTERVAL:
-                continue
-            # Labels always come from ASE's EMT calculator.
-            atoms.set_positions(pos)
-            ref_forces = atoms.get_forces()
-            if fast is not None and not np.allclose(forces, ref_forces, rtol=0.0, atol=1e-6):
-                # The vectorised propagator disagrees with this ASE version: stop using it.
-                fast_ok = False
-                fast = None
-                forces = ref_forces.copy()
+        for _ in range(n_block):
+            dyn.run(_SAMPLE_INTERVAL)
             stress = atoms.get_stress(voigt=False)
             frames.append(
                 Frame(
-                    positions=wrap_positions(pos, cell, pbc=True),
+                    positions=wrap_positions(atoms.get_positions(), cell, pbc=True),
                     cell=cell.copy(),
                     pbc=np.ones(3, dtype=bool),
                     numbers=atoms.get_atomic_numbers(),
                     energy=float(atoms.get_potential_energy()),
-                    forces=ref_forces.copy(),
+                    forces=atoms.get_forces().copy(),
                     virial=-stress * atoms.get_volume(),
                     source=source,
                     index=len(frames),
@@ -273,92 +256,6 @@ def load_cu_emt(cache_dir: str | os.PathLike, **params: Any) -> list[Frame]:
 # --------------------------------------------------------------------------------------------
 # Internals
 # --------------------------------------------------------------------------------------------
-
-
-def _try_fast_emt(atoms: Any) -> _FastCuEMT | None:
-    """The vectorised propagator, or ``None`` (use ASE's EMT) if this ASE version lacks its
-    internals."""
-    try:
-        return _FastCuEMT(atoms)
-    except Exception:  # noqa: BLE001 - private ASE attributes may change between versions
-        return None
-
-
-def _md_forces(fast: _FastCuEMT | None, atoms: Any, pos: np.ndarray, cell: np.ndarray):
-    """Forces (n, 3) eV/Å for propagation: vectorised EMT if available, else ASE's EMT."""
-    if fast is not None:
-        return fast.forces(pos, cell)
-    atoms.set_positions(pos)
-    return atoms.get_forces()
-
-
-class _FastCuEMT:
-    """Vectorised single-element EMT forces used only to propagate the MD.
-
-    It reproduces :class:`ase.calculators.emt.EMT` (same parameters, cutoff and smoothing, taken
-    from an initialised ASE calculator) with NumPy over a Verlet pair list instead of ASE's
-    per-atom Python loop, which is about 20x faster for 108 atoms. The labels written to the
-    data set are always recomputed with ASE's EMT, and ``generate_cu_emt`` falls back to ASE
-    for propagation if the two ever disagree.
-
-    Args:
-        atoms: Single-element periodic structure (its cell is fixed during the MD).
-    """
-
-    def __init__(self, atoms: Any, skin: float = 1.0) -> None:
-        from ase.calculators.emt import EMT, beta
-
-        if len(set(atoms.get_atomic_numbers().tolist())) != 1 or not atoms.pbc.all():
-            raise ValueError("_FastCuEMT supports one element in a fully periodic cell only")
-        calc = EMT()
-        calc.initialize(atoms)
-        self.beta = float(beta)
-        self.rc = float(calc.rc)
-        self.rc_list = float(calc.rc_list)
-        self.acut = float(calc.acut)
-        self.p = {key: float(np.asarray(val)[0]) for key, val in calc.par.items()}
-        self.skin = skin
-        self._ref: np.ndarray | None = None
-        self._pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-    def _pair_list(self, pos: np.ndarray, cell: np.ndarray) -> tuple[np.ndarray, ...]:
-        moved = np.inf if self._ref is None else np.linalg.norm(pos - self._ref, axis=1).max()
-        if self._pairs is None or moved > 0.5 * self.skin:
-            from vesin import NeighborList
-
-            nl = NeighborList(cutoff=self.rc_list + self.skin, full_list=True)
-            i, j, shifts = nl.compute(pos, cell, True, quantities="ijS")
-            self._pairs = (i.astype(np.int64), j.astype(np.int64), shifts @ cell)
-            self._ref = pos.copy()
-        return self._pairs
-
-    def forces(self, pos: np.ndarray, cell: np.ndarray) -> np.ndarray:
-        """Return EMT forces (n, 3) in eV/Å for Cartesian positions (n, 3) Å in ``cell``."""
-        p, beta = self.p, self.beta
-        i, j, offsets = self._pair_list(pos, cell)
-        vec = pos[j] - pos[i] + offsets
-        r = np.sqrt(np.einsum("ij,ij->i", vec, vec))
-        keep = r < self.rc_list
-        i, j, vec, r = i[keep], j[keep], vec[keep], r[keep]
-        n = len(pos)
-        w = 1.0 / (1.0 + np.exp(self.acut * (r - self.rc)))
-        dwdroverw = self.acut * (w - 1.0)
-        dsigma1 = np.exp(-p["eta2"] * (r - beta * p["s0"])) * w
-        dsigma2 = np.exp(-p["kappa"] * (r / beta - p["s0"])) * w
-        sigma1 = np.bincount(i, dsigma1, minlength=n)
-        ds = -np.log(sigma1 * p["inv12gamma1"]) / (beta * p["eta2"])
-        lds = p["lambda"] * ds
-        exp_l = np.exp(-lds)
-        e_k = 6.0 * p["V0"] * np.exp(-p["kappa"] * ds)
-        deds = (-p["E0"] * p["lambda"] * lds * exp_l - p["kappa"] * e_k) / (
-            -beta * p["eta2"] * sigma1
-        )
-        e_as = p["neghalfv0overgamma2"] * dsigma2
-        dedr = (deds[i] + deds[j]) * dsigma1 * (dwdroverw - p["eta2"]) + 2.0 * e_as * (
-            dwdroverw - p["kappa"] / beta
-        )
-        f = (dedr / r)[:, None] * vec
-        return np.stack([np.bincount(i, f[:, k], minlength=n) for k in range(3)], axis=1)
 
 
 def _ase_version() -> str:
