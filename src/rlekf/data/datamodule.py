@@ -246,15 +246,18 @@ class AtomsDataModule(L.LightningDataModule):
                 f"the validation split of {self.paths} is empty: set data.val_fraction > 0, "
                 "data.val_path, or a split mode other than 'none'"
             )
-        if not parts["test"]:
+        test_is_val = not parts["test"]
+        if test_is_val:
             log.warning("no test split: the test stage uses the validation frames")
-            parts["test"] = parts["val"]
+            del parts["test"]
         ids = {"train": idx["train"], "val": idx["val"], "test": idx["test"]}
         for name, fr in parts.items():
             frame_ids = ids[name] if len(ids[name]) == len(fr) else None
             self.datasets[name] = AtomsDataset(
                 fr, self.type_map, self.rcut, self.sel, frame_ids, self.dtype
             )
+        if test_is_val:
+            self.datasets["test"] = self.datasets["val"]
         if self.skipped:
             log.warning("skipped %d bad frame(s) while reading (on_error=skip)", self.skipped)
         counts = {k: len(v) for k, v in self.datasets.items()}

@@ -1,0 +1,196 @@
+"""ASE calculator for trained Deep Potentials: ``DPCalculator``.
+
+Use a checkpoint written by ``rlekf-train`` or a file written by ``rlekf-export``::
+
+    from rlekf.calculator import DPCalculator
+    atoms.calc = DPCalculator.from_checkpoint("logs/train/runs/.../checkpoints/last.ckpt")
+    atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+
+The neighbour list is rebuilt on every call (any cell, periodic or not, any atom count).
+Results: ``energy``/``free_energy`` (eV), ``energies`` (per atom, eV), ``forces`` (eV/Å) and,
+for cells periodic in all three directions, ``stress`` (eV/Å³, ASE Voigt order xx, yy, zz,
+yz, xz, xy), computed as ``-virial / volume`` from the model's strain derivative (exact for the
+model, whether or not it was trained on virials).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.data import atomic_numbers, chemical_symbols
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from rlekf.data import keys as K
+from rlekf.data.neighbors import NeighborOverflowError, slot_neighbors
+from rlekf.export import load_checkpoint, load_exported
+from rlekf.models.deep_potential import DeepPotential, resolve_dtype
+
+__all__ = ["DPCalculator", "UnknownElementError"]
+
+PathLike = str | os.PathLike
+
+
+class UnknownElementError(ValueError):
+    """The structure holds an element the model was not trained on."""
+
+
+class DPCalculator(Calculator):
+    """ASE calculator around a trained :class:`~rlekf.models.DeepPotential`.
+
+    Prefer :meth:`from_checkpoint` or :meth:`from_file`.
+
+    Args:
+        model: a :class:`DeepPotential`, or the TorchScript module of an exported file.
+        type_map: element symbols in type order.
+        rcut: cutoff (Å).
+        sel: neighbour slots per type.
+        dtype: float dtype of the model.
+        device: torch device to run on.
+        **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(
+        self,
+        model: DeepPotential | torch.nn.Module,
+        *,
+        type_map: Sequence[str],
+        rcut: float,
+        sel: Sequence[int],
+        dtype: str | torch.dtype = "float64",
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.type_map = list(type_map)
+        self.rcut = float(rcut)
+        self.sel = [int(s) for s in sel]
+        self.dtype = resolve_dtype(dtype)
+        self.device = torch.device(device)
+        self._lookup = np.full(119, -1, dtype=np.int64)
+        for t, sym in enumerate(self.type_map):
+            self._lookup[atomic_numbers[sym]] = t
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_checkpoint(
+        cls, path: PathLike, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> DPCalculator:
+        """Calculator from a Lightning checkpoint written by ``rlekf-train``.
+
+        Raises:
+            ValueError: not an rlekf checkpoint (see :func:`rlekf.export.load_checkpoint`).
+        """
+        model, config = load_checkpoint(path, device)
+        return cls(
+            model,
+            type_map=config["type_map"],
+            rcut=config["rcut"],
+            sel=config["sel"],
+            dtype=model.dtype,
+            device=device,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_file(
+        cls, path: PathLike, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> DPCalculator:
+        """Calculator from a TorchScript file written by ``rlekf-export``.
+
+        Raises:
+            ValueError: not an rlekf export, or another format version.
+        """
+        module, meta = load_exported(path, device)
+        return cls(
+            module,
+            type_map=meta["type_map"],
+            rcut=meta["rcut"],
+            sel=meta["sel"],
+            dtype=meta["dtype"],
+            device=device,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def _types(self, numbers: np.ndarray) -> np.ndarray:
+        safe = np.clip(numbers, 0, 118)
+        types = self._lookup[safe]
+        bad = np.flatnonzero(types < 0)
+        if bad.size:
+            missing = sorted({chemical_symbols[int(z)] for z in numbers[bad]})
+            raise UnknownElementError(
+                f"element(s) {', '.join(missing)} not in the model's type map {self.type_map}: "
+                "the model was trained only on these elements; use a model trained with "
+                f"{', '.join(missing)} or remove those atoms"
+            )
+        return types
+
+    def calculate(
+        self,
+        atoms: Any = None,
+        properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = all_changes,
+    ) -> None:
+        """Compute energy, per-atom energies, forces and (periodic cells) stress.
+
+        Raises:
+            UnknownElementError: an element is not in the type map.
+            NeighborOverflowError: an atom has more neighbours of a type than ``sel`` slots.
+        """
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        numbers = atoms.get_atomic_numbers().astype(np.int64)
+        types = self._types(numbers)
+        positions = atoms.get_positions()
+        cell = np.asarray(atoms.get_cell())
+        pbc = atoms.get_pbc()
+        try:
+            nl = slot_neighbors(
+                positions, cell, pbc, types, self.rcut, self.sel, where=atoms.get_chemical_formula()
+            )
+        except NeighborOverflowError as exc:
+            raise NeighborOverflowError(
+                f"{exc}. A trained model's sel is fixed: this structure is denser than the "
+                "model allows (compressed or collapsed?); check it, or train a model with a "
+                "larger sel"
+            ) from exc
+        volume = abs(float(np.linalg.det(cell))) if pbc.all() else 0.0
+        want_stress = volume > 1e-12
+        dev, dt = self.device, self.dtype
+        n = len(numbers)
+        pos_t = torch.as_tensor(positions, dtype=dt, device=dev)
+        cell_t = torch.as_tensor(cell, dtype=dt, device=dev).reshape(1, 3, 3)
+        types_t = torch.as_tensor(types, dtype=torch.int64, device=dev)
+        batch_t = torch.zeros(n, dtype=torch.int64, device=dev)
+        nbr_t = torch.as_tensor(nl.neighbors, dtype=torch.int64, device=dev)
+        shifts_t = torch.as_tensor(nl.shifts, dtype=dt, device=dev)
+        with torch.enable_grad():
+            if isinstance(self.model, DeepPotential):
+                batch = {
+                    K.POSITIONS: pos_t,
+                    K.CELL: cell_t,
+                    K.TYPES: types_t,
+                    K.BATCH: batch_t,
+                    K.NEIGHBORS: nbr_t,
+                    K.SHIFTS: shifts_t,
+                }
+                out = self.model(batch, forces=True, virial=want_stress)
+            else:
+                out = self.model(pos_t, cell_t, types_t, batch_t, nbr_t, shifts_t, want_stress)
+        energy = float(out[K.ENERGY].detach()[0])
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["energies"] = out["atom_energy"].detach().cpu().double().numpy()
+        self.results["forces"] = out[K.FORCES].detach().cpu().double().numpy()
+        if want_stress:
+            virial = out[K.VIRIAL].detach().cpu().double().numpy()[0]
+            stress = -0.5 * (virial + virial.T) / volume
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)

@@ -1,0 +1,154 @@
+"""AtomsDataModule: splits that respect MD blocks and files, persistence, batching, statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase.io import write
+
+from rlekf.data import AtomsDataModule
+from rlekf.data import keys as K
+from rlekf.data.dataset import collate_atoms, frame_to_item
+from rlekf.data.datamodule import split_frames
+from rlekf.data.readers import DataError, Frame
+from rlekf.data.stats import energy_bias
+from tests.helpers.frames import cu_frame, model_and_batch
+
+
+def _frames(n, source="a.xyz", size=1):
+    out = []
+    for i in range(n):
+        f = cu_frame(size, seed=i)
+        f.source, f.index = source, i
+        out.append(f)
+    return out
+
+
+@pytest.fixture()
+def xyz_files(tmp_path):
+    paths = []
+    for name, n in (("run1.extxyz", 12), ("run2.extxyz", 12), ("run3.extxyz", 12)):
+        path = tmp_path / name
+        write(path, [f.to_atoms() for f in _frames(n, name)], format="extxyz")
+        paths.append(str(path))
+    return paths
+
+
+def test_block_split_keeps_time_blocks_whole():
+    frames = _frames(20, "md.xyz") + _frames(20, "md2.xyz")
+    idx = split_frames(frames, "blocks", 0.25, 0.25, n_blocks=5, seed=0)
+    assert sorted(idx["train"] + idx["val"] + idx["test"]) == list(range(40))
+    where = {i: name for name, ids in idx.items() for i in ids}
+    for start in range(0, 40, 4):  # 5 blocks of 4 frames per file
+        assert len({where[i] for i in range(start, start + 4)}) == 1
+    assert idx["val"] and idx["test"]
+
+
+def test_file_split_keeps_files_whole():
+    frames = _frames(5, "a") + _frames(5, "b") + _frames(5, "c")
+    idx = split_frames(frames, "files", 0.34, 0.34, n_blocks=1, seed=0)
+    for name, ids in idx.items():
+        assert len(ids) == 5, name
+        assert len({frames[i].source for i in ids}) == 1
+
+
+def test_empty_training_split_is_a_clear_error():
+    with pytest.raises(DataError, match="training split would be empty"):
+        split_frames(_frames(2), "random", 0.5, 0.5, n_blocks=1, seed=0)
+
+
+def test_split_is_persisted_and_reused(tmp_path, xyz_files):
+    kw = dict(path=xyz_files, type_map=["Cu"], rcut=5.0, sel=[60], split="files",
+              val_fraction=0.34, test_fraction=0.34, split_dir=tmp_path / "run")
+    dm = AtomsDataModule(seed=0, **kw)
+    dm.setup("fit")
+    saved = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert {s for s, _ in saved["val"]}.isdisjoint({s for s, _ in saved["train"]})
+    dm2 = AtomsDataModule(seed=123, **kw)  # another seed, same run folder: same split
+    dm2.setup("fit")
+    for name in ("train", "val", "test"):
+        ids1 = dm.datasets[name][0][K.FRAME_ID].tolist() + [len(dm.datasets[name])]
+        ids2 = dm2.datasets[name][0][K.FRAME_ID].tolist() + [len(dm2.datasets[name])]
+        assert ids1 == ids2
+
+
+def test_explicit_validation_file_and_no_test_split(tmp_path, xyz_files):
+    dm = AtomsDataModule(path=xyz_files[0], val_path=xyz_files[1], type_map=["Cu"], rcut=5.0,
+                         sel=[60], split="none")
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 12 and len(dm.datasets["val"]) == 12
+    assert dm.datasets["test"] is dm.datasets["val"]
+
+
+def test_no_validation_data_is_a_clear_error(xyz_files):
+    dm = AtomsDataModule(path=xyz_files[0], type_map=["Cu"], rcut=5.0, sel=[60], split="none")
+    with pytest.raises(DataError, match="validation split .* is empty"):
+        dm.setup("fit")
+
+
+def test_element_not_in_type_map_names_file_and_frame(xyz_files):
+    dm = AtomsDataModule(path=xyz_files[0], type_map=["Ag"], rcut=5.0, sel=[60])
+    with pytest.raises(DataError, match=r"Cu.*run1\.extxyz frame 0.*type_map"):
+        dm.setup("fit")
+
+
+def test_too_many_neighbours_names_file_and_frame(xyz_files):
+    dm = AtomsDataModule(path=xyz_files[0], type_map=["Cu"], rcut=5.0, sel=[10])
+    with pytest.raises(DataError, match=r"run1\.extxyz frame \d+.*sel\[0\]=10"):
+        dm.setup("fit")
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    dm = AtomsDataModule(path=tmp_path / "nope.xyz", type_map=["Cu"], rcut=5.0, sel=[60])
+    with pytest.raises(DataError, match="nope.xyz"):
+        dm.setup("fit")
+
+
+def test_batches_of_different_atom_counts_predict_like_single_frames():
+    frames = [cu_frame(1, seed=1), cu_frame(2, seed=2)]
+    model, batch = model_and_batch(frames, ["Cu"], [100], embedding=(4, 8), fitting=(8,),
+                                   axis_neuron=4)
+    both = model(batch)
+    for k, f in enumerate(frames):
+        single = model(collate_atoms([frame_to_item(f, ["Cu"], 6.0, [100])]))
+        assert torch.allclose(both[K.ENERGY][k], single[K.ENERGY][0], rtol=1e-13)
+        sl = slice(0, 4) if k == 0 else slice(4, 36)
+        assert torch.allclose(both[K.FORCES][sl], single[K.FORCES], rtol=1e-12, atol=1e-14)
+
+
+def test_energy_bias_is_least_squares_per_element():
+    counts = np.array([[2, 1], [1, 3], [4, 4], [0, 5]])
+    energies = counts @ np.array([-3.0, -1.5])
+    assert np.allclose(energy_bias(energies, counts), [-3.0, -1.5])
+
+
+def test_stats_and_loaders(tmp_path, xyz_files):
+    dm = AtomsDataModule(path=xyz_files, type_map=["Cu"], rcut=5.0, sel=[60], split="random",
+                         batch_size=4, eval_batch_size=5)
+    stats = dm.stats()
+    assert stats["env_std"].shape == (1, 4) and np.all(stats["env_std"] > 0)
+    assert stats["has_virial"] is True
+    e = [float(it[K.ENERGY][0]) / 4 for it in dm.datasets["train"].items]
+    assert stats["energy_bias"][0] == pytest.approx(np.mean(e), rel=1e-12)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch[K.N_ATOMS].tolist() == [4, 4, 4, 4]
+    assert batch[K.NEIGHBORS].max() < 16
+
+
+def test_mixed_sizes_from_real_si_data(shared_data):
+    dm = AtomsDataModule(path=shared_data / "si_mlearn" / "training.extxyz", type_map=["Si"],
+                         rcut=5.0, sel=[60], split="random", batch_size=2)
+    dm.setup("fit")
+    sizes = {int(it[K.N_ATOMS][0]) for it in dm.datasets["train"].items}
+    assert len(sizes) > 1
+    for batch in dm.train_dataloader():
+        assert len(set(batch[K.N_ATOMS].tolist())) == 1
+
+
+def test_frame_dataclass_roundtrip():
+    f = Frame(positions=np.zeros((1, 3)), cell=np.eye(3) * 5, pbc=[True] * 3, numbers=[29],
+              energy=-1.0, forces=np.zeros((1, 3)))
+    assert f.to_atoms().get_potential_energy() == -1.0

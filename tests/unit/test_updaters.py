@@ -1,0 +1,135 @@
+"""Kalman and gradient updaters: measurements as in reference §1.4–1.5, sampling, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlekf.data import keys as K
+from rlekf.data.dataset import GroupedBatchSampler, collate_atoms, frame_to_item
+from rlekf.optim import RLEKF
+from rlekf.training.updaters import GradientUpdater, KalmanUpdater, deepmd_lr
+from tests.helpers.frames import cu_frame, model_and_batch
+
+SMALL = {"embedding": (4, 8), "fitting": (8, 8), "axis_neuron": 4}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    frames = [cu_frame(1, rattle=0.15, seed=s) for s in range(3)]  # 4-atom cells
+    model, batch = model_and_batch(frames, ["Cu"], [60], rcut=5.0, **SMALL)
+    return model, batch
+
+
+def _grads(model):
+    return torch.cat([
+        (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+        for p in model.parameters()
+    ])
+
+
+def test_energy_measurement_matches_reference_formula(setup):
+    model, batch = setup
+    up = KalmanUpdater(energy_prefactor=1.5)
+    model.zero_grad()
+    eps, out = up.energy_measurement(model, batch, n=4)
+    h = _grads(model)
+    # independent computation: ε = sqrt(bs)·mean|p·e_b|, H = ∇ Σ_b s_b·p·E_b/n
+    model.zero_grad()
+    e_pred = model(batch, forces=False)[K.ENERGY]
+    err = (batch[K.ENERGY] - e_pred.detach()) / 4
+    ref_eps = math.sqrt(3) * (1.5 * err).abs().mean()
+    (torch.sign(err) * 1.5 * e_pred / 4).sum().backward()
+    assert torch.allclose(eps, ref_eps, rtol=1e-14, atol=0)
+    assert torch.allclose(h, _grads(model), rtol=1e-12, atol=1e-15)
+
+
+def test_force_measurement_matches_reference_formula(setup):
+    model, batch = setup
+    up = KalmanUpdater(force_prefactor=2.0, n_select=2, group_size=2)
+    atoms = torch.tensor([1, 3])
+    model.zero_grad()
+    eps, _ = up.force_measurement(model, batch, 4, atoms)
+    h = _grads(model)
+    model.zero_grad()
+    f = model(batch, forces=True, create_graph=True)[K.FORCES].reshape(3, 4, 3)[:, atoms]
+    delta = 2.0 * (batch[K.FORCES].reshape(3, 4, 3)[:, atoms] - f.detach())
+    ref_eps = math.sqrt(3) * delta.abs().mean() / 4
+    (torch.sign(delta) * 2.0 * f).sum().div(4 * 2 * 3).backward()
+    assert torch.allclose(eps, ref_eps, rtol=1e-14, atol=0)
+    assert torch.allclose(h, _grads(model), rtol=1e-12, atol=1e-15)
+
+
+def test_update_makes_one_energy_and_n_select_over_group_force_updates(setup):
+    model, batch = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = RLEKF(model.parameters(), block_size=64)
+    up = KalmanUpdater(n_select=12, group_size=4, seed=3)
+    up.update(model, batch, opt)
+    assert opt.n_updates == 1 + 3
+    assert opt.lam == pytest.approx(1 - 0.02 * 0.9987**4)
+    model.load_state_dict(state)
+
+
+def test_atom_sampling_is_seeded_and_checkpointable():
+    a, b = KalmanUpdater(seed=7), KalmanUpdater(seed=7)
+    draws_a = torch.randint(10, (24,), generator=a.generator)
+    assert torch.equal(draws_a, torch.randint(10, (24,), generator=b.generator))
+    saved = a.state_dict()
+    nxt = torch.randint(10, (24,), generator=a.generator)
+    c = KalmanUpdater(seed=99)
+    c.load_state_dict(saved)
+    assert torch.equal(nxt, torch.randint(10, (24,), generator=c.generator))
+
+
+def test_kalman_refuses_frames_of_different_sizes():
+    items = [frame_to_item(cu_frame(1), ["Cu"], 5.0, [60]),
+             frame_to_item(cu_frame(2), ["Cu"], 5.0, [60])]
+    model, _ = model_and_batch([cu_frame(1)], ["Cu"], [60], rcut=5.0, **SMALL)
+    opt = RLEKF(model.parameters())
+    with pytest.raises(ValueError, match="equal atom count"):
+        KalmanUpdater().update(model, collate_atoms(items), opt)
+
+
+def test_kalman_argument_validation():
+    with pytest.raises(ValueError, match="multiple"):
+        KalmanUpdater(n_select=10, group_size=6)
+    with pytest.raises(ValueError, match="prefactors"):
+        KalmanUpdater(force_prefactor=0)
+
+
+def test_grouped_sampler_batches_share_atom_count_and_cover_everything():
+    sizes = [4, 32, 4, 4, 32, 108, 4, 32]
+    sampler = GroupedBatchSampler(sizes, batch_size=2, shuffle=True, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
+    assert all(len({sizes[i] for i in b}) == 1 for b in batches)
+    assert batches == list(sampler)  # same epoch, same order
+    sampler.set_epoch(1)
+    assert batches != list(sampler)
+
+
+def test_deepmd_learning_rate_and_prefactor_schedule():
+    assert deepmd_lr(0, 1e-3, 1e-6, 10, 1000) == pytest.approx(1e-3)
+    assert deepmd_lr(1000, 1e-3, 1e-6, 10, 1000) == pytest.approx(1e-6)
+    assert deepmd_lr(9, 1e-3, 1e-6, 10, 1000) == deepmd_lr(0, 1e-3, 1e-6, 10, 1000)  # staircase
+    up = GradientUpdater(start_lr=1e-3, stop_lr=1e-6, stop_steps=1000, decay_steps=10)
+    assert up.prefactor("f", 1e-3) == pytest.approx(1000.0)
+    assert up.prefactor("f", 1e-6) == pytest.approx(1.0 + 999 * 1e-3)
+    assert up.prefactor("e", 1e-3) == pytest.approx(0.02)
+
+
+def test_gradient_update_skips_non_finite_loss(setup):
+    model, batch = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = dict(batch)
+    bad[K.ENERGY] = batch[K.ENERGY].clone()
+    bad[K.ENERGY][0] = float("nan")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    out = GradientUpdater(stop_steps=10).update(model, bad, opt)
+    assert bool(out["skipped"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
