@@ -8,9 +8,11 @@ Use a checkpoint written by ``rlekf-train`` or a file written by ``rlekf-export`
 
 The neighbour list is rebuilt on every call (any cell, periodic or not, any atom count).
 Results: ``energy``/``free_energy`` (eV), ``energies`` (per atom, eV), ``forces`` (eV/Å) and,
-for cells periodic in all three directions, ``stress`` (eV/Å³, ASE Voigt order xx, yy, zz,
-yz, xz, xy), computed as ``-virial / volume`` from the model's strain derivative (exact for the
-model, whether or not it was trained on virials).
+when asked for and the cell is periodic in all three directions, ``stress`` (eV/Å³, ASE Voigt
+order xx, yy, zz, yz, xz, xy), computed as ``-virial / volume`` from the model's strain
+derivative: the exact stress of the model, whether or not it was trained on virials (its
+accuracy against DFT is only known when it was). Non-periodic or partly periodic cells give no
+stress (``PropertyNotImplementedError``).
 """
 
 from __future__ import annotations
@@ -154,7 +156,13 @@ class DPCalculator(Calculator):
         pbc = atoms.get_pbc()
         try:
             nl = slot_neighbors(
-                positions, cell, pbc, types, self.rcut, self.sel, where=atoms.get_chemical_formula()
+                positions,
+                cell,
+                pbc,
+                types,
+                self.rcut,
+                self.sel,
+                where=atoms.get_chemical_formula(),
             )
         except NeighborOverflowError as exc:
             raise NeighborOverflowError(
@@ -163,7 +171,7 @@ class DPCalculator(Calculator):
                 "larger sel"
             ) from exc
         volume = abs(float(np.linalg.det(cell))) if pbc.all() else 0.0
-        want_stress = volume > 1e-12
+        want_stress = "stress" in properties and volume > 1e-12
         dev, dt = self.device, self.dtype
         n = len(numbers)
         pos_t = torch.as_tensor(positions, dtype=dt, device=dev)

@@ -1,4 +1,11 @@
-"""``rlekf-eval``: test a checkpoint on a data set (``ckpt_path=... data=...``)."""
+"""``rlekf-eval``: errors of a trained checkpoint on any data set, with CSVs and a parity plot.
+
+``rlekf-eval ckpt_path=... [data=...] [split=test|val|train|all]``. The model is rebuilt from
+the checkpoint alone (its ``model_config``), so the ``model`` config group plays no part; the
+data set is read with the checkpoint's type map, cutoff and ``sel``. Outputs go to the run
+folder (see :func:`rlekf.evaluation.write_outputs`); metrics and the parity plot are logged to
+the configured loggers (``logger=wandb``, ``logger=csv``).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 from omegaconf import DictConfig
 
+from rlekf.data.neighbors import NeighborOverflowError
+from rlekf.data.readers import DataError
+from rlekf.evaluation import format_metrics, predict, select_frames, write_outputs
+from rlekf.export import load_checkpoint
 from rlekf.utils.instantiate import instantiate_many
 
 log = logging.getLogger(__name__)
@@ -21,24 +31,79 @@ CONFIG_DIR = os.environ.get(
 )
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the test loop of ``cfg.ckpt_path`` on ``cfg.data``; returns the metrics."""
-    L.seed_everything(cfg.get("seed", 0), workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
-    task = hydra.utils.instantiate(cfg.task, model=model)
-    loggers = instantiate_many(cfg.get("logger"), "logger")
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False)
-    trainer.test(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    print("test metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.data`` (split ``cfg.split``); returns the metrics.
+
+    Raises:
+        ValueError: not an rlekf checkpoint, an element of the data missing from the
+            checkpoint's type map, or more neighbours than the checkpoint's ``sel``.
+    """
+    device = cfg.get("device", "cpu")
+    ckpt = Path(str(cfg.ckpt_path))
+    model, config = load_checkpoint(ckpt, device)
+    log.info("model from %s: %s", ckpt, config)
+    model_keys = ("type_map", "rcut", "rcut_smth", "sel", "dtype")
+    datamodule = hydra.utils.instantiate(cfg.data, **{k: config[k] for k in model_keys})
+    split = str(cfg.get("split", "test"))
+    try:
+        dataset = select_frames(datamodule, split)
+    except DataError as exc:
+        if exc.reason == "element not in type_map":
+            raise ValueError(
+                f"checkpoint {ckpt} was trained for elements {config['type_map']}, but the "
+                f"data holds another one: {exc}. Evaluate it on data of those elements, or "
+                "use a checkpoint trained with every element of the data"
+            ) from exc
+        if isinstance(exc.__cause__, NeighborOverflowError):
+            raise ValueError(
+                f"the data has denser environments than checkpoint {ckpt} (sel "
+                f"{config['sel']}) allows: {exc}. A trained model's sel is fixed; use a model "
+                "trained with a larger sel"
+            ) from exc
+        raise
+    if len(dataset) == 0:
+        raise ValueError(f"no frames to evaluate in the {split!r} split of {datamodule.paths}")
+    result = predict(
+        model,
+        dataset,
+        batch_size=int(cfg.get("batch_size", 8)),
+        device=device,
+        progress=bool(cfg.get("progress", False)),
+    )
+    out_dir = Path(cfg.paths.output_dir)
+    title = f"{ckpt.name} on {split} split of {', '.join(Path(p).name for p in datamodule.paths)}"
+    metrics, paths = write_outputs(result, out_dir, title)
+    print(format_metrics(metrics, title))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    _log(cfg, metrics, paths)
     return metrics
 
 
+def _log(cfg: DictConfig, metrics: dict[str, float], paths: dict[str, Path]) -> None:
+    loggers = instantiate_many(cfg.get("logger"), "logger")
+    if not loggers:
+        return
+    values = {f"eval/{k}": v for k, v in metrics.items()}
+    is_wandb = False
+    for lg in loggers:
+        lg.log_metrics(values)
+        if type(lg).__name__ == "WandbLogger":
+            is_wandb = True
+            lg.log_image(key="eval/parity", images=[str(paths["parity"])])
+        lg.save()
+    if is_wandb:
+        import wandb
+
+        wandb.finish()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Any:
     evaluate(cfg)
 
+
+os.environ.setdefault("WANDB_MODE", "offline")
 
 if __name__ == "__main__":
     main()

@@ -28,8 +28,12 @@ inside ``torch.no_grad()``): forces are autograd derivatives.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +71,9 @@ def load_checkpoint(
     The model is built from the checkpoint's ``model_config`` (not from any Hydra config), so a
     checkpoint of any size, cutoff or type map loads.
 
+    The file is first read with ``weights_only=True``; a checkpoint that also holds numpy
+    state (e.g. RLEKF's) is then read in full, as Lightning does: load only trusted files.
+
     Args:
         path: ``.ckpt`` file written by ``rlekf-train``.
         device: where to put the model.
@@ -83,7 +90,12 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; give the path of a .ckpt file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Lightning checkpoints may hold numpy arrays (optimizer/updater state); like
+            # Lightning's own resume, read them in full (only load checkpoints you trust)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not usable"
         raise ValueError(
             f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: {exc}); give a "
@@ -278,12 +290,21 @@ def export_model(model: DeepPotential | PathLike, out: PathLike) -> Path:
     else:
         config = dict(model.config)
     model = model.to("cpu").eval()
-    scripted = torch.jit.script(ExportedDeepPotential(model))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(_metadata(model, config, source), indent=1)
-    torch.jit.save(scripted, str(out), _extra_files={META_FILE: meta})
+    with _quiet_jit():
+        scripted = torch.jit.script(ExportedDeepPotential(model))
+        torch.jit.save(scripted, str(out), _extra_files={META_FILE: meta})
     return out
+
+
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """Silence TorchScript's deprecation notices (torch.export cannot hold autograd forces)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
+        yield
 
 
 def load_exported(
@@ -308,7 +329,8 @@ def load_exported(
         raise FileNotFoundError(f"exported model {path} not found")
     extra = {META_FILE: ""}
     try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        with _quiet_jit():
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/ValueError variants
         raise ValueError(
             f"{path} is not a TorchScript file written by rlekf-export ({type(exc).__name__}); "

@@ -61,8 +61,16 @@ def test_empty_training_split_is_a_clear_error():
 
 
 def test_split_is_persisted_and_reused(tmp_path, xyz_files):
-    kw = dict(path=xyz_files, type_map=["Cu"], rcut=5.0, sel=[60], split="files",
-              val_fraction=0.34, test_fraction=0.34, split_dir=tmp_path / "run")
+    kw = dict(
+        path=xyz_files,
+        type_map=["Cu"],
+        rcut=5.0,
+        sel=[60],
+        split="files",
+        val_fraction=0.34,
+        test_fraction=0.34,
+        split_dir=tmp_path / "run",
+    )
     dm = AtomsDataModule(seed=0, **kw)
     dm.setup("fit")
     saved = json.loads((tmp_path / "run" / "split.json").read_text())
@@ -76,8 +84,9 @@ def test_split_is_persisted_and_reused(tmp_path, xyz_files):
 
 
 def test_explicit_validation_file_and_no_test_split(tmp_path, xyz_files):
-    dm = AtomsDataModule(path=xyz_files[0], val_path=xyz_files[1], type_map=["Cu"], rcut=5.0,
-                         sel=[60], split="none")
+    dm = AtomsDataModule(
+        path=xyz_files[0], val_path=xyz_files[1], type_map=["Cu"], rcut=5.0, sel=[60], split="none"
+    )
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 12 and len(dm.datasets["val"]) == 12
     assert dm.datasets["test"] is dm.datasets["val"]
@@ -109,8 +118,9 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_batches_of_different_atom_counts_predict_like_single_frames():
     frames = [cu_frame(1, seed=1), cu_frame(2, seed=2)]
-    model, batch = model_and_batch(frames, ["Cu"], [100], embedding=(4, 8), fitting=(8,),
-                                   axis_neuron=4)
+    model, batch = model_and_batch(
+        frames, ["Cu"], [100], embedding=(4, 8), fitting=(8,), axis_neuron=4
+    )
     both = model(batch)
     for k, f in enumerate(frames):
         single = model(collate_atoms([frame_to_item(f, ["Cu"], 6.0, [100])]))
@@ -126,8 +136,15 @@ def test_energy_bias_is_least_squares_per_element():
 
 
 def test_stats_and_loaders(tmp_path, xyz_files):
-    dm = AtomsDataModule(path=xyz_files, type_map=["Cu"], rcut=5.0, sel=[60], split="random",
-                         batch_size=4, eval_batch_size=5)
+    dm = AtomsDataModule(
+        path=xyz_files,
+        type_map=["Cu"],
+        rcut=5.0,
+        sel=[60],
+        split="random",
+        batch_size=4,
+        eval_batch_size=5,
+    )
     stats = dm.stats()
     assert stats["env_std"].shape == (1, 4) and np.all(stats["env_std"] > 0)
     assert stats["has_virial"] is True
@@ -139,8 +156,14 @@ def test_stats_and_loaders(tmp_path, xyz_files):
 
 
 def test_mixed_sizes_from_real_si_data(shared_data):
-    dm = AtomsDataModule(path=shared_data / "si_mlearn" / "training.extxyz", type_map=["Si"],
-                         rcut=5.0, sel=[60], split="random", batch_size=2)
+    dm = AtomsDataModule(
+        path=shared_data / "si_mlearn" / "training.extxyz",
+        type_map=["Si"],
+        rcut=5.0,
+        sel=[60],
+        split="random",
+        batch_size=2,
+    )
     dm.setup("fit")
     sizes = {int(it[K.N_ATOMS][0]) for it in dm.datasets["train"].items}
     assert len(sizes) > 1
@@ -149,6 +172,12 @@ def test_mixed_sizes_from_real_si_data(shared_data):
 
 
 def test_frame_dataclass_roundtrip():
-    f = Frame(positions=np.zeros((1, 3)), cell=np.eye(3) * 5, pbc=[True] * 3, numbers=[29],
-              energy=-1.0, forces=np.zeros((1, 3)))
+    f = Frame(
+        positions=np.zeros((1, 3)),
+        cell=np.eye(3) * 5,
+        pbc=[True] * 3,
+        numbers=[29],
+        energy=-1.0,
+        forces=np.zeros((1, 3)),
+    )
     assert f.to_atoms().get_potential_energy() == -1.0

@@ -24,10 +24,12 @@ def setup():
 
 
 def _grads(model):
-    return torch.cat([
-        (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
-        for p in model.parameters()
-    ])
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+            for p in model.parameters()
+        ]
+    )
 
 
 def test_energy_measurement_matches_reference_formula(setup):
@@ -85,8 +87,10 @@ def test_atom_sampling_is_seeded_and_checkpointable():
 
 
 def test_kalman_refuses_frames_of_different_sizes():
-    items = [frame_to_item(cu_frame(1), ["Cu"], 5.0, [60]),
-             frame_to_item(cu_frame(2), ["Cu"], 5.0, [60])]
+    items = [
+        frame_to_item(cu_frame(1), ["Cu"], 5.0, [60]),
+        frame_to_item(cu_frame(2), ["Cu"], 5.0, [60]),
+    ]
     model, _ = model_and_batch([cu_frame(1)], ["Cu"], [60], rcut=5.0, **SMALL)
     opt = RLEKF(model.parameters())
     with pytest.raises(ValueError, match="equal atom count"):

@@ -14,10 +14,12 @@ Kalman updates.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -199,6 +201,11 @@ class ForceFieldModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = dict(self.model.config)
         checkpoint["updater_state"] = self.updater.state_dict()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state_to_torch(np.random.get_state()),
+            "python": random.getstate(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = checkpoint.get("model_config")
@@ -209,3 +216,25 @@ class ForceFieldModule(L.LightningModule):
             )
         if "updater_state" in checkpoint:
             self.updater.load_state_dict(checkpoint["updater_state"])
+        rng = checkpoint.get("rng_states")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(_numpy_state_from_torch(rng["numpy"]))
+            random.setstate(rng["python"])
+
+
+def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
+    """NumPy's legacy RNG state with the key array as a tensor (``weights_only`` loadable)."""
+    name, keys, pos, has_gauss, cached = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached"])

@@ -1,0 +1,392 @@
+"""Evaluate a trained potential on labelled frames: predictions, errors, CSV and parity plot.
+
+Library code behind ``rlekf-eval`` (no Hydra). Units: energies per atom in eV/atom, forces in
+eV/Å. Errors are prediction minus DFT label.
+
+Files written by :func:`write_outputs`:
+
+* ``predictions_frames.csv``: one row per frame: ``frame_id, source, index, n_atoms, formula,
+  energy_dft, energy_pred`` (eV) and ``energy_per_atom_dft, energy_per_atom_pred`` (eV/atom);
+* ``predictions_atoms.csv``: one row per atom: ``frame_id, atom, element, fx_dft, fy_dft,
+  fz_dft, fx_pred, fy_pred, fz_pred`` (eV/Å);
+* ``metrics.json``: the numbers of :func:`compute_metrics`;
+* ``parity.png``: predicted vs DFT energy per atom and force components.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlekf.data import keys as K
+from rlekf.data.dataset import AtomsDataset, collate_atoms
+
+__all__ = [
+    "EvalResult",
+    "compute_metrics",
+    "format_metrics",
+    "parity_plot",
+    "predict",
+    "read_frames_csv",
+    "write_csv",
+    "write_outputs",
+]
+
+PathLike = str | os.PathLike
+
+FRAMES_CSV = "predictions_frames.csv"
+ATOMS_CSV = "predictions_atoms.csv"
+PARITY_PNG = "parity.png"
+METRICS_JSON = "metrics.json"
+
+
+@dataclass
+class EvalResult:
+    """Predictions and labels of every evaluated frame (numpy, float64).
+
+    Attributes:
+        frame_id: (B,) id of each frame in its data set.
+        source: (B,) file of each frame.
+        index: (B,) index of each frame in its file.
+        n_atoms: (B,) atoms per frame.
+        energy_dft: (B,) eV.
+        energy_pred: (B,) eV.
+        atom_frame: (N,) position of each atom's frame in the arrays above.
+        symbols: (N,) element symbol of each atom.
+        forces_dft: (N, 3) eV/Å.
+        forces_pred: (N, 3) eV/Å.
+    """
+
+    frame_id: np.ndarray
+    source: list[str]
+    index: np.ndarray
+    n_atoms: np.ndarray
+    energy_dft: np.ndarray
+    energy_pred: np.ndarray
+    atom_frame: np.ndarray
+    symbols: np.ndarray
+    forces_dft: np.ndarray
+    forces_pred: np.ndarray
+
+    @property
+    def energy_per_atom_dft(self) -> np.ndarray:
+        """(B,) eV/atom."""
+        return self.energy_dft / self.n_atoms
+
+    @property
+    def energy_per_atom_pred(self) -> np.ndarray:
+        """(B,) eV/atom."""
+        return self.energy_pred / self.n_atoms
+
+
+def predict(
+    model: torch.nn.Module,
+    dataset: AtomsDataset,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> EvalResult:
+    """Run ``model`` (a :class:`~rlekf.models.DeepPotential`) on every frame of ``dataset``.
+
+    Args:
+        model: the potential; its type map must be the one the data set was built with.
+        dataset: frames with neighbour lists.
+        batch_size: frames per forward pass.
+        device: torch device.
+        progress: show a rich progress bar.
+
+    Returns:
+        Predictions and labels in data-set order.
+    """
+    from ase.data import chemical_symbols
+
+    model = model.to(device).eval()
+    order = range(0, len(dataset), batch_size)
+    e_p, f_p = [], []
+    track: Iterable[int] = order
+    if progress:
+        from rich.progress import track as rich_track
+
+        track = rich_track(order, description="evaluating", total=len(order))
+    for start in track:
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) for k, v in collate_atoms(items).items()}
+        with torch.enable_grad():
+            out = model(batch, forces=True, virial=False)
+        e_p.append(out[K.ENERGY].detach().double().cpu().numpy())
+        f_p.append(out[K.FORCES].detach().double().cpu().numpy())
+    items = dataset.items
+    n_atoms = np.array([int(it[K.N_ATOMS][0]) for it in items], dtype=np.int64)
+    numbers = np.concatenate([it[K.NUMBERS].numpy() for it in items]) if items else np.zeros(0)
+    return EvalResult(
+        frame_id=np.array([int(it[K.FRAME_ID][0]) for it in items], dtype=np.int64),
+        source=[f.source for f in dataset.frames],
+        index=np.array([f.index for f in dataset.frames], dtype=np.int64),
+        n_atoms=n_atoms,
+        energy_dft=np.array([float(it[K.ENERGY][0]) for it in items], dtype=np.float64),
+        energy_pred=np.concatenate(e_p) if e_p else np.zeros(0),
+        atom_frame=np.repeat(np.arange(len(items)), n_atoms),
+        symbols=np.array([chemical_symbols[int(z)] for z in numbers], dtype=object),
+        forces_dft=(
+            np.concatenate([it[K.FORCES].double().numpy() for it in items])
+            if items
+            else np.zeros((0, 3))
+        ),
+        forces_pred=np.concatenate(f_p) if f_p else np.zeros((0, 3)),
+    )
+
+
+def _rmse(err: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(err)))) if err.size else math.nan
+
+
+def _mae(err: np.ndarray) -> float:
+    return float(np.mean(np.abs(err))) if err.size else math.nan
+
+
+def compute_metrics(result: EvalResult) -> dict[str, float]:
+    """Energy errors per atom (eV/atom) and force errors (eV/Å), overall and per element.
+
+    Returns:
+        ``n_frames``, ``n_atoms``, ``energy_rmse``, ``energy_mae`` (over frames, of
+        (E_pred − E_dft)/n), ``force_rmse``, ``force_mae`` (over all Cartesian components),
+        and ``force_rmse/<El>``, ``force_mae/<El>`` over the atoms of each element.
+    """
+    e_err = result.energy_per_atom_pred - result.energy_per_atom_dft
+    f_err = result.forces_pred - result.forces_dft
+    out: dict[str, float] = {
+        "n_frames": float(len(result.n_atoms)),
+        "n_atoms": float(result.n_atoms.sum()),
+        "energy_rmse": _rmse(e_err),
+        "energy_mae": _mae(e_err),
+        "force_rmse": _rmse(f_err),
+        "force_mae": _mae(f_err),
+    }
+    for el in sorted(set(result.symbols.tolist())):
+        sel = result.symbols == el
+        out[f"force_rmse/{el}"] = _rmse(f_err[sel])
+        out[f"force_mae/{el}"] = _mae(f_err[sel])
+    return out
+
+
+def format_metrics(metrics: Mapping[str, float], title: str = "") -> str:
+    """Human-readable table of :func:`compute_metrics` (6 significant digits)."""
+    lines = [title] if title else []
+    lines.append(f"frames: {int(metrics['n_frames'])}, atoms: {int(metrics['n_atoms'])}")
+    lines.append(f"energy RMSE: {metrics['energy_rmse']:.6g} eV/atom")
+    lines.append(f"energy MAE:  {metrics['energy_mae']:.6g} eV/atom")
+    lines.append(f"force RMSE:  {metrics['force_rmse']:.6g} eV/Å")
+    lines.append(f"force MAE:   {metrics['force_mae']:.6g} eV/Å")
+    for key in sorted(k for k in metrics if k.startswith("force_rmse/")):
+        el = key.split("/", 1)[1]
+        lines.append(
+            f"  {el:>2}: force RMSE {metrics[key]:.6g} eV/Å, "
+            f"MAE {metrics[f'force_mae/{el}']:.6g} eV/Å"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(result: EvalResult, out_dir: PathLike) -> tuple[Path, Path]:
+    """Write per-frame and per-atom predictions (see the module docstring).
+
+    Returns:
+        Paths of the frame CSV and the atom CSV.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames_path, atoms_path = out_dir / FRAMES_CSV, out_dir / ATOMS_CSV
+    formulas = _formulas(result)
+    with open(frames_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            [
+                "frame_id",
+                "source",
+                "index",
+                "n_atoms",
+                "formula",
+                "energy_dft",
+                "energy_pred",
+                "energy_per_atom_dft",
+                "energy_per_atom_pred",
+            ]
+        )
+        for b in range(len(result.n_atoms)):
+            w.writerow(
+                [
+                    int(result.frame_id[b]),
+                    result.source[b],
+                    int(result.index[b]),
+                    int(result.n_atoms[b]),
+                    formulas[b],
+                    repr(float(result.energy_dft[b])),
+                    repr(float(result.energy_pred[b])),
+                    repr(float(result.energy_per_atom_dft[b])),
+                    repr(float(result.energy_per_atom_pred[b])),
+                ]
+            )
+    starts = np.concatenate([[0], np.cumsum(result.n_atoms)[:-1]]).astype(np.int64)
+    with open(atoms_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            ["frame_id", "atom", "element", "fx_dft", "fy_dft", "fz_dft"]
+            + ["fx_pred", "fy_pred", "fz_pred"]
+        )
+        for a in range(len(result.symbols)):
+            b = int(result.atom_frame[a])
+            w.writerow(
+                [int(result.frame_id[b]), a - int(starts[b]), result.symbols[a]]
+                + [repr(float(x)) for x in result.forces_dft[a]]
+                + [repr(float(x)) for x in result.forces_pred[a]]
+            )
+    return frames_path, atoms_path
+
+
+def _formulas(result: EvalResult) -> list[str]:
+    from collections import Counter
+
+    out = []
+    for b in range(len(result.n_atoms)):
+        counts = Counter(result.symbols[result.atom_frame == b].tolist())
+        out.append("".join(f"{el}{c}" for el, c in sorted(counts.items())))
+    return out
+
+
+def read_frames_csv(path: PathLike) -> dict[str, np.ndarray]:
+    """Read ``predictions_frames.csv`` back (numeric columns as float64 arrays)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cols: dict[str, Any] = {}
+    for key in rows[0] if rows else []:
+        values = [r[key] for r in rows]
+        try:
+            cols[key] = np.array([float(v) for v in values])
+        except ValueError:
+            cols[key] = np.array(values, dtype=object)
+    return cols
+
+
+def parity_plot(
+    result: EvalResult,
+    path: PathLike,
+    metrics: Mapping[str, float] | None = None,
+    title: str = "",
+    max_points: int = 200_000,
+) -> Path:
+    """Save a two-panel parity plot (PNG): energy per atom and force components.
+
+    Args:
+        result: predictions.
+        path: output PNG.
+        metrics: :func:`compute_metrics` output (computed when missing); RMSEs go in legends.
+        title: figure title.
+        max_points: at most this many force components are drawn (random subset, seeded).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    metrics = metrics if metrics is not None else compute_metrics(result)
+    fig, (ax_e, ax_f) = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
+    e_x, e_y = result.energy_per_atom_dft, result.energy_per_atom_pred
+    ax_e.scatter(
+        e_x, e_y, s=10, alpha=0.7, label=f"RMSE {1000 * metrics['energy_rmse']:.3g} meV/atom"
+    )
+    _diagonal(ax_e, e_x, e_y)
+    ax_e.set_xlabel("DFT energy (eV/atom)")
+    ax_e.set_ylabel("predicted energy (eV/atom)")
+    ax_e.set_title("energy per atom")
+    ax_e.legend(loc="upper left")
+    rng = np.random.default_rng(0)
+    for el in sorted(set(result.symbols.tolist())):
+        sel = result.symbols == el
+        fx, fy = result.forces_dft[sel].reshape(-1), result.forces_pred[sel].reshape(-1)
+        if fx.size > max_points:
+            pick = rng.choice(fx.size, max_points, replace=False)
+            fx, fy = fx[pick], fy[pick]
+        rmse = metrics.get(f"force_rmse/{el}", math.nan)
+        ax_f.scatter(fx, fy, s=3, alpha=0.4, label=f"{el}: RMSE {rmse:.3g} eV/Å")
+    _diagonal(ax_f, result.forces_dft.reshape(-1), result.forces_pred.reshape(-1))
+    ax_f.set_xlabel("DFT force component (eV/Å)")
+    ax_f.set_ylabel("predicted force component (eV/Å)")
+    ax_f.set_title(f"forces (all: RMSE {metrics['force_rmse']:.3g} eV/Å)")
+    ax_f.legend(loc="upper left", markerscale=3)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _diagonal(ax: Any, x: np.ndarray, y: np.ndarray) -> None:
+    if x.size == 0:
+        return
+    finite = np.concatenate([x[np.isfinite(x)], y[np.isfinite(y)]])
+    lo, hi = float(finite.min()), float(finite.max())
+    pad = 0.02 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", lw=0.8)
+
+
+def write_outputs(
+    result: EvalResult, out_dir: PathLike, title: str = ""
+) -> tuple[dict[str, float], dict[str, Path]]:
+    """Compute metrics and write the CSVs, ``metrics.json`` and ``parity.png`` to ``out_dir``.
+
+    Returns:
+        The metrics and the paths written (keys ``frames_csv``, ``atoms_csv``, ``parity``,
+        ``metrics``).
+    """
+    out_dir = Path(out_dir)
+    metrics = compute_metrics(result)
+    frames_csv, atoms_csv = write_csv(result, out_dir)
+    png = parity_plot(result, out_dir / PARITY_PNG, metrics, title)
+    metrics_path = out_dir / METRICS_JSON
+    metrics_path.write_text(json.dumps(metrics, indent=1))
+    paths = {"frames_csv": frames_csv, "atoms_csv": atoms_csv, "parity": png}
+    paths["metrics"] = metrics_path
+    return metrics, paths
+
+
+def select_frames(datamodule: Any, split: str = "test") -> AtomsDataset:
+    """The frames to evaluate from an :class:`~rlekf.data.AtomsDataModule`.
+
+    Args:
+        datamodule: the data module (built with the checkpoint's type map, rcut and sel).
+        split: ``test`` (default), ``val`` or ``train`` split of the data config, or ``all``
+            (every frame of ``path``, no split; ``max_frames`` still applies).
+
+    Raises:
+        ValueError: unknown ``split``.
+        DataError: unreadable data, an element not in the type map, or neighbour overflow.
+    """
+    from rlekf.data.readers import read_frames_with_report
+
+    if split == "all":
+        frames, report = read_frames_with_report(
+            datamodule.paths,
+            datamodule.fmt,
+            use_virial=datamodule.use_virial,
+            on_error=datamodule.on_error,
+        )
+        if datamodule.max_frames is not None:
+            frames = frames[: datamodule.max_frames]
+        return AtomsDataset(
+            frames, datamodule.type_map, datamodule.rcut, datamodule.sel, dtype=datamodule.dtype
+        )
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be one of test, val, train, all; got {split!r}")
+    datamodule.setup("test")
+    return datamodule.datasets[split]
