@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL during training and during checkpoint writes leaves a loadable last.ckpt."""
+"""Crash safety: SIGKILL in training or mid-checkpoint-write leaves a loadable last.ckpt."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from ase.io import write
 
 from rlekf.data import AtomsDataModule
 from rlekf.data import keys as K
-from rlekf.data.dataset import collate_atoms, frame_to_item
 from rlekf.data.datamodule import split_frames
+from rlekf.data.dataset import collate_atoms, frame_to_item
 from rlekf.data.readers import DataError, Frame
 from rlekf.data.stats import energy_bias
 from tests.helpers.frames import cu_frame, model_and_batch

@@ -203,7 +203,7 @@ class ForceFieldModule(L.LightningModule):
         checkpoint["updater_state"] = self.updater.state_dict()
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_to_torch(np.random.get_state()),
+            "numpy": _numpy_state_to_torch(np.random.get_state()),  # noqa: NPY002 (global state)
             "python": random.getstate(),
         }
 
@@ -219,7 +219,7 @@ class ForceFieldModule(L.LightningModule):
         rng = checkpoint.get("rng_states")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(_numpy_state_from_torch(rng["numpy"]))
+            np.random.set_state(_numpy_state_from_torch(rng["numpy"]))  # noqa: NPY002
             random.setstate(rng["python"])
 
 
