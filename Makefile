@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 export WANDB_MODE ?= offline
 
-.PHONY: help install train train-adam eval test test-full lint format clean clean-logs
+.PHONY: help install train train-adam eval export md sweep report test test-full lint format clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,23 @@ train-adam: $(STAMP) ## same data and model with the Adam baseline
 
 eval: $(STAMP) ## evaluate a checkpoint: make eval CKPT=logs/.../checkpoints/last.ckpt
 	$(BIN)/rlekf-eval ckpt_path=$(CKPT) $(ARGS)
+
+export: $(STAMP) ## export a checkpoint to TorchScript: make export CKPT=... [OUT=model.pt]
+	$(BIN)/rlekf-export $(CKPT) $(if $(OUT),-o $(OUT)) $(ARGS)
+
+md: $(STAMP) ## NVE MD of 108-atom fcc Cu: make md MODEL=....ckpt|.pt [ARGS="--steps 5000"]
+	$(BIN)/rlekf-md $(MODEL) $(ARGS)
+
+SWEEP ?= block_size
+# the latest multirun of SWEEP; override with SWEEP_DIR=logs/sweep_<name>/multiruns/<date>
+SWEEP_DIR ?= $(lastword $(sort $(wildcard logs/sweep_$(SWEEP)/multiruns/*)))
+
+sweep: $(STAMP) ## grid sweep from configs/sweep/: make sweep SWEEP=block_size [ARGS="hydra/launcher=slurm"]
+	$(BIN)/rlekf-train sweep=$(SWEEP) $(ARGS)
+
+report: $(STAMP) ## tables + plots of the latest run of a sweep: make report SWEEP=block_size
+	@test -n "$(SWEEP_DIR)" || { echo "no multirun under logs/sweep_$(SWEEP)/multiruns (give SWEEP_DIR=...)"; exit 1; }
+	$(BIN)/rlekf-report $(SWEEP_DIR)
 
 test: $(STAMP) ## run the test suite (without slow tests)
 	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)

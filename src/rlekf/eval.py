@@ -49,10 +49,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         dataset = select_frames(datamodule, split)
     except DataError as exc:
         if exc.reason == "element not in type_map":
+            what = str(exc).removesuffix("; add it to model.type_map")
             raise ValueError(
-                f"checkpoint {ckpt} was trained for elements {config['type_map']}, but the "
-                f"data holds another one: {exc}. Evaluate it on data of those elements, or "
-                "use a checkpoint trained with every element of the data"
+                f"checkpoint {ckpt} was trained for elements {config['type_map']} only, but "
+                f"the data holds another one ({what}); evaluate it on data of those elements, "
+                "or use a checkpoint trained with every element of the data"
             ) from exc
         if isinstance(exc.__cause__, NeighborOverflowError):
             raise ValueError(

@@ -106,17 +106,18 @@ def run_nve(
     """
     from ase import units
     from ase.io import write
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md import velocitydistribution as vd
     from ase.md.verlet import VelocityVerlet
 
     if steps < 1 or interval < 1:
         raise ValueError(f"steps and interval must be >= 1, got {steps}, {interval}")
     atoms.calc = calc
     if temperature_K > 0:
-        MaxwellBoltzmannDistribution(
-            atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed)
-        )
-        Stationary(atoms)
+        rng = np.random.default_rng(seed)
+        # ase >= 3.29 renamed MaxwellBoltzmannDistribution to thermalize_momenta
+        thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution
+        thermalize(atoms, temperature_K=temperature_K, rng=rng)
+        vd.Stationary(atoms)
     traj_path = Path(trajectory) if trajectory is not None else None
     if traj_path is not None:
         traj_path.parent.mkdir(parents=True, exist_ok=True)

@@ -321,12 +321,9 @@ def override_key(override: str) -> str:
 def varying_overrides(runs: Sequence[Run], exclude: Iterable[str] = ("seed",)) -> list[str]:
     """Override keys whose value differs between runs (``seed`` excluded), in first-seen order."""
     exclude = set(exclude)
-    values: dict[str, set[str]] = {}
-    for run in runs:
-        present = {override_key(o): o for o in run.overrides}
-        for key in values.keys() | present.keys():
-            values.setdefault(key, set()).add(present.get(key, ""))
-    return [k for k, v in values.items() if k not in exclude and len(v) > 1]
+    present = [{override_key(o): o for o in run.overrides} for run in runs]
+    keys = dict.fromkeys(k for p in present for k in p)  # first-seen order
+    return [k for k in keys if k not in exclude and len({p.get(k, "") for p in present}) > 1]
 
 
 def group_label(run: Run, keys: Sequence[str]) -> str:

@@ -65,7 +65,7 @@ def test_callbacks_and_loggers_instantiate(tmp_path):
     from rlekf.utils.instantiate import instantiate_many
 
     cfg = compose_cfg("train", ["logger=many"], tmp_path)
-    assert len(instantiate_many(cfg.callbacks, "callback")) == 5
+    assert len(instantiate_many(cfg.callbacks, "callback")) == 7
     loggers = instantiate_many(cfg.logger, "logger")
     assert {type(lg).__name__ for lg in loggers} == {"CSVLogger", "WandbLogger"}
 

@@ -29,7 +29,7 @@ def _start(out: Path, data_dir: Path) -> subprocess.Popen:
         "optim.optimizer.block_size=null",
         "model.fitting=[64,64]",
         "trainer.max_epochs=50",
-        "callbacks.last_checkpoint.every_n_train_steps=1",
+        "callbacks.last_checkpoint.every_n_steps=1",
         "~callbacks.rich_progress_bar",
         f"hydra.run.dir={out}",
         f"paths.data_dir={data_dir}",

@@ -15,6 +15,7 @@ from unittest import mock
 import hydra
 import pytest
 import torch
+import yaml
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
@@ -44,7 +45,7 @@ def test_sweep_composes(sweep, tmp_path):
     params = _params(cfg)
     assert len(params["seed"]) >= 2
     assert len(params) >= 2
-    assert cfg.task_name == f"sweep_{sweep}" or cfg.task_name == sweep
+    assert cfg.task_name == f"sweep_{sweep}"  # runs land in logs/sweep_<name>/multiruns/
     # rlekf-report reads csv/metrics.csv: every sweep logs to csv
     assert "csv" in cfg.logger and "_target_" in cfg.logger.csv
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"
@@ -238,3 +239,21 @@ def test_smoke_sweep_runs_and_report_matches_the_csv_logs(tmp_path, tmp_path_fac
                 statistics.stdev(values), rel=1e-9, abs=1e-15
             )
     assert all(math.isfinite(float(r["elapsed_s"])) for r in runs.values())
+
+
+def test_wandb_sweep_spec_proposals_compose(tmp_path):
+    spec = yaml.safe_load((ROOT / "scripts" / "wandb_sweep.yaml").read_text())
+    assert spec["program"] == "rlekf-train"
+    assert "${args_no_hyphens}" in spec["command"]
+    assert spec["metric"]["name"] == "val/force_rmse"
+    fixed = [c for c in spec["command"] if "=" in c and not c.startswith(("$", "WANDB_"))]
+    proposal = [
+        f"{k}={p['values'][0] if 'values' in p else p['min']}"
+        for k, p in spec["parameters"].items()
+    ]
+    cfg = compose_cfg("train", [*fixed, *proposal], tmp_path)
+    assert (
+        cfg.optim.optimizer.block_size
+        == spec["parameters"]["optim.optimizer.block_size"]["values"][0]
+    )
+    assert "csv" in cfg.logger and "wandb" in cfg.logger

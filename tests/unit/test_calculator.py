@@ -50,7 +50,9 @@ def test_calculator_matches_model_on_the_same_frames():
         atoms = frame.to_atoms()
         atoms.calc = calc
         n = frame.n_atoms
-        assert atoms.get_potential_energy() == pytest.approx(float(ref[K.ENERGY][b]), abs=1e-10)
+        assert atoms.get_potential_energy() == pytest.approx(
+            float(ref[K.ENERGY][b].detach()), abs=1e-10
+        )
         np.testing.assert_allclose(
             atoms.get_forces(), ref[K.FORCES][start : start + n].detach().numpy(), atol=1e-10
         )

@@ -137,3 +137,17 @@ def test_gradient_update_skips_non_finite_loss(setup):
     assert bool(out["skipped"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_lightning_reshuffles_the_grouped_sampler_every_epoch():
+    """Lightning calls set_epoch on ``batch_sampler.sampler``: the sampler must receive it."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    sampler = GroupedBatchSampler([4] * 12, batch_size=3, shuffle=True, seed=0)
+    loader = DataLoader(list(range(12)), batch_sampler=sampler)
+    first = list(sampler)
+    _set_sampler_epoch(loader, 1)
+    assert sampler.epoch == 1 and list(sampler) != first
+    sampler.resume_from(2, 1)
+    assert list(sampler) == GroupedBatchSampler([4] * 12, 3, seed=0)._with_epoch(2)[1:]

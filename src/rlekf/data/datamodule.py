@@ -190,6 +190,8 @@ class AtomsDataModule(L.LightningDataModule):
         self.datasets: dict[str, AtomsDataset] = {}
         self.skipped: int = 0
         self._stats: dict[str, Any] | None = None
+        # (epoch, batches already trained) when resuming in the middle of an epoch
+        self.resume_position: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ reading
     def _read(self, paths: list[str]) -> list[Frame]:
@@ -306,7 +308,12 @@ class AtomsDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        loader = self._loader("train", self.batch_size, shuffle=True)
+        if self.resume_position is not None:
+            # Lightning may build the loader more than once while restoring: keep the position;
+            # the sampler applies it once, to the matching epoch only
+            loader.batch_sampler.resume_from(*self.resume_position)
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)

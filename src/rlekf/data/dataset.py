@@ -138,7 +138,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
     Frames are grouped by atom count; with ``shuffle`` the order inside each group and the order
     of the batches are drawn from a generator seeded with ``seed + epoch``, so every epoch is
-    reproducible and a run resumed at an epoch boundary sees the same batches.
+    reproducible and a run resumed at an epoch boundary sees the same batches. For a run resumed
+    in the middle of an epoch, ``resume_from(epoch, batches_done)`` makes the next pass over
+    that epoch skip the batches already trained on.
     """
 
     def __init__(
@@ -151,9 +153,29 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+        # Lightning calls set_epoch on `batch_sampler.sampler`, not on the batch sampler
+        self.sampler = _EpochForwarder(self)
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        """Continue a run at ``epoch``, skipping its first ``batches_done`` batches once.
+
+        Sets the epoch too: when resuming, Lightning builds the iterator before it calls
+        ``set_epoch``, so the sampler must already know which epoch's order to produce.
+        """
+        self.epoch = int(epoch)
+        self._skip = (int(epoch), int(batches_done))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def _with_epoch(self, epoch: int) -> list[list[int]]:
+        """The batches of ``epoch`` (for tests and tools; does not change the sampler)."""
+        saved, self.epoch = self.epoch, epoch
+        try:
+            return self._batches()
+        finally:
+            self.epoch = saved
 
     def _batches(self) -> list[list[int]]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -171,10 +193,24 @@ class GroupedBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
+        batches = self._batches()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            batches = batches[self._skip[1] :]
+            self._skip = None
+        return iter(batches)
 
     def __len__(self) -> int:
         groups: dict[int, int] = {}
         for n in self.n_atoms:
             groups[n] = groups.get(n, 0) + 1
         return sum(-(-c // self.batch_size) for c in groups.values())
+
+
+class _EpochForwarder:
+    """Exposes ``set_epoch`` where Lightning looks for it (``batch_sampler.sampler``)."""
+
+    def __init__(self, owner: GroupedBatchSampler) -> None:
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)

@@ -201,6 +201,11 @@ class ForceFieldModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = dict(self.model.config)
         checkpoint["updater_state"] = self.updater.state_dict()
+        if self._trainer is not None and self.trainer.training:
+            # batches trained in this epoch (`processed`: `completed` lags at batch end)
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if 0 < done < self.trainer.num_training_batches:  # saved in the middle of an epoch
+                checkpoint["epoch_position"] = (self.trainer.current_epoch, int(done))
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "numpy": _numpy_state_to_torch(np.random.get_state()),  # noqa: NPY002 (global state)
@@ -216,6 +221,13 @@ class ForceFieldModule(L.LightningModule):
             )
         if "updater_state" in checkpoint:
             self.updater.load_state_dict(checkpoint["updater_state"])
+        # where the run continues: (epoch, batches already trained in it)
+        position = checkpoint.get("epoch_position")
+        if position is None and "epoch" in checkpoint:
+            position = (int(checkpoint["epoch"]) + 1, 0)  # saved at an epoch end
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if position is not None and dm is not None and hasattr(dm, "resume_position"):
+            dm.resume_position = tuple(position)  # the sampler continues from there
         rng = checkpoint.get("rng_states")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
