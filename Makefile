@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 export WANDB_MODE ?= offline
 
-.PHONY: help install train train-adam eval export md sweep report test test-full lint format clean clean-logs
+.PHONY: help install train train-adam eval export md sweep report bench test test-full lint format clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ sweep: $(STAMP) ## grid sweep from configs/sweep/: make sweep SWEEP=block_size [
 report: $(STAMP) ## tables + plots of the latest run of a sweep: make report SWEEP=block_size
 	@test -n "$(SWEEP_DIR)" || { echo "no multirun under logs/sweep_$(SWEEP)/multiruns (give SWEEP_DIR=...)"; exit 1; }
 	$(BIN)/rlekf-report $(SWEEP_DIR)
+
+PRESET ?= quick
+bench: $(STAMP) ## RLEKF vs Adam + Kalman-update microbenchmark: make bench [PRESET=full] [ARGS=...]
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(BIN)/rlekf-bench --preset $(PRESET) $(ARGS)
 
 test: $(STAMP) ## run the test suite (without slow tests)
 	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)

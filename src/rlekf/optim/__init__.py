@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from rlekf.optim.functional import RLEKFUpdate, rlekf_update, symmetrize_
+from rlekf.optim.functional import (
+    RLEKFRankKUpdate,
+    RLEKFUpdate,
+    rlekf_update,
+    rlekf_update_rank_k,
+    symmetrize_,
+)
 from rlekf.optim.partition import Block, Segment, partition_parameters, partition_sizes
 from rlekf.optim.rlekf import RLEKF
 
 __all__ = [
     "RLEKF",
     "Block",
+    "RLEKFRankKUpdate",
     "RLEKFUpdate",
     "Segment",
     "partition_parameters",
     "partition_sizes",
     "rlekf_update",
+    "rlekf_update_rank_k",
     "symmetrize_",
 ]

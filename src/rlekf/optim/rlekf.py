@@ -11,7 +11,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from rlekf.optim.functional import rlekf_update, symmetrize_
+from rlekf.optim.functional import (
+    RLEKFRankKUpdate,
+    rlekf_update,
+    rlekf_update_rank_k,
+    symmetrize_,
+)
 from rlekf.optim.partition import Block, partition_parameters, validate_block_size
 
 __all__ = ["RLEKF"]
@@ -305,8 +310,14 @@ class RLEKF(Optimizer):
         self,
         error: float | Tensor | None = None,
         closure: Callable[[], Any] | None = None,
+        *,
+        grads: Tensor | Sequence[Sequence[Tensor | None]] | None = None,
     ) -> Any:
         """Apply one Kalman update using the current ``.grad`` of the parameters as ``H``.
+
+        With ``grads=...`` the call is forwarded to :meth:`step_k` (``error`` then holds the
+        ``k`` errors); this lets a wrapper that only forwards ``step`` (Lightning's
+        ``LightningOptimizer``, which counts global steps) drive a rank-k update.
 
         Args:
             error: Scalar error ``eps`` of the pseudo-measurement (label minus prediction,
@@ -333,6 +344,9 @@ class RLEKF(Optimizer):
             if result is None:
                 raise ValueError("RLEKF.step needs error=... or a closure returning the error")
             error = result
+        if grads is not None:
+            self.step_k(error, grads)
+            return result if closure is not None else error
         if isinstance(error, Tensor) and error.numel() != 1:
             raise ValueError(f"RLEKF.step needs a scalar error, got shape {tuple(error.shape)}")
         eps = float(error)
@@ -370,9 +384,22 @@ class RLEKF(Optimizer):
             anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + 1
             return result if closure is not None else error
 
-        # Scatter the increments back into the parameters (cast to their dtype by add_).
+        self._scatter(res.increments)
+
+        anchor[_N_UPDATES] = n = int(anchor[_N_UPDATES]) + 1
+        nu = group["nu"]
+        anchor[_LAM] = nu * lam + 1.0 - nu
+        every = group["symmetrize_every"]
+        if every and n % every == 0:
+            for p_i in P:
+                symmetrize_(p_i)
+        return result if closure is not None else error
+
+    def _scatter(self, increments: Sequence[Tensor]) -> None:
+        """Add the per-block increments to the parameters (cast to their dtype by add_)."""
+        params: list[Tensor] = self._group["params"]
         flats: dict[int, Tensor] = {}
-        for block, inc in zip(self._blocks, res.increments, strict=True):
+        for block, inc in zip(self._blocks, increments, strict=True):
             off = 0
             for seg in block.segments:
                 idx = seg.param_index
@@ -386,14 +413,118 @@ class RLEKF(Optimizer):
             if not p.is_contiguous():
                 p.copy_(flat.view_as(p))
 
-        anchor[_N_UPDATES] = n = int(anchor[_N_UPDATES]) + 1
+    def _gradient_rows(self, grads: Tensor | Sequence[Sequence[Tensor | None]], k: int) -> Tensor:
+        """The ``(k, N)`` matrix of flattened measurement gradients in ``p_dtype``."""
+        params: list[Tensor] = self._group["params"]
+        n_total = sum(p.numel() for p in params)
+        device = params[0].device
+        if isinstance(grads, Tensor):
+            if grads.dim() == 1 and k == 1:
+                grads = grads.unsqueeze(0)
+            if tuple(grads.shape) != (k, n_total):
+                raise ValueError(
+                    f"RLEKF.step_k: grads has shape {tuple(grads.shape)}, expected "
+                    f"({k}, {n_total}) (k errors x all parameters, flattened in order)"
+                )
+            if grads.is_sparse:
+                raise ValueError("RLEKF does not support sparse gradients")
+            return grads.detach().to(device=device, dtype=self.p_dtype)
+        grads = list(grads)
+        if len(grads) != k:
+            raise ValueError(f"RLEKF.step_k: got {k} errors but {len(grads)} gradient sets")
+        rows = torch.zeros(k, n_total, dtype=self.p_dtype, device=device)
+        for j, gset in enumerate(grads):
+            gset = list(gset)
+            if len(gset) != len(params):
+                raise ValueError(
+                    f"RLEKF.step_k: gradient set {j} has {len(gset)} tensors, "
+                    f"expected one per parameter ({len(params)})"
+                )
+            off = 0
+            for p, g in zip(params, gset, strict=True):
+                if g is not None:
+                    if g.is_sparse:
+                        raise ValueError("RLEKF does not support sparse gradients")
+                    if g.numel() != p.numel():
+                        raise ValueError(
+                            f"RLEKF.step_k: gradient set {j} has a tensor of shape "
+                            f"{tuple(g.shape)} for a parameter of shape {tuple(p.shape)}"
+                        )
+                    rows[j, off : off + p.numel()].copy_(_flat(g.detach()))
+                off += p.numel()
+        return rows
+
+    @torch.no_grad()
+    def step_k(
+        self,
+        errors: Sequence[float] | Tensor,
+        grads: Tensor | Sequence[Sequence[Tensor | None]],
+    ) -> RLEKFRankKUpdate:
+        r"""Apply ONE rank-``k`` update for ``k`` measurements taken at the current weights.
+
+        This is the opt-in "fused" mode (:func:`~rlekf.optim.rlekf_update_rank_k`): one pass
+        over ``P`` for all ``k`` measurements, with the shared ``k x k`` innovation matrix
+        ``A = L*lambda*I_k + sum_i H_i^T P_i H_i``. ``.grad`` is neither read nor written.
+
+        Differences from ``k`` calls of :meth:`step` (the paper's algorithm):
+
+        * all ``k`` measurements are linearized at the same weights (no fresh forward pass
+          between them); the update is the joint (batch) Kalman update for them, which for
+          one block and ``lambda = 1`` equals ``k`` sequential updates of the linearized model;
+          with several blocks the cross-block correlations that one measurement creates are
+          seen by the others (the paper drops them after every measurement);
+        * ``lambda_t`` is applied once (``P`` is divided by it once, and ``L*lambda_t`` is the
+          noise of every measurement), whereas the paper divides by ``lambda`` ``k`` times;
+        * the schedule then advances by ``k`` measurements,
+          ``lambda <- 1 - (1 - lambda) * nu**k``, i.e. ``lambda`` is the same function of
+          :attr:`n_updates` as in the paper (``1 - lambda_t = (1 - lambda_1) nu^(t-1)``).
+
+        Counters: an applied call adds ``k`` to :attr:`n_updates`; a skipped one (non-finite
+        errors, gradients or ``A``, or ``A`` not positive definite) adds ``k`` to
+        :attr:`n_skipped` and leaves ``P``, the weights and ``lambda`` untouched.
+        :attr:`last_innovation` becomes ``tr(A) / k`` (``a`` itself for ``k = 1``). Periodic
+        symmetrization runs when :attr:`n_updates` crosses a multiple of
+        ``symmetrize_every``.
+
+        Args:
+            errors: The ``k`` errors ``eps_j`` (after the sign trick): a sequence of floats or
+                a ``(k,)`` tensor.
+            grads: Either a ``(k, N)`` tensor whose row ``j`` is ``H_j`` over all parameters,
+                each flattened as ``p.reshape(-1)`` and concatenated in parameter order, or a
+                sequence of ``k`` gradient sets, each one tensor (or ``None`` for zero) per
+                parameter, as returned by ``torch.autograd.grad(..., allow_unused=True)``.
+
+        Returns:
+            The :class:`~rlekf.optim.RLEKFRankKUpdate` of the functional update.
+
+        Raises:
+            ValueError: On mismatched shapes or sparse gradients.
+        """
+        eps = torch.as_tensor(errors).detach().reshape(-1)
+        k = eps.numel()
+        if k == 0:
+            raise ValueError("RLEKF.step_k needs at least one error")
+        rows = self._gradient_rows(grads, k)
+        P = self._covariance()
+        H = [rows[:, b.offset : b.offset + b.numel].mT for b in self._blocks]
+        group = self._group
+        anchor = self._anchor
+        lam = float(anchor[_LAM])
+        res = rlekf_update_rank_k(P, H, eps, lam)
+        anchor[_LAST_A] = float(res.innovation.diagonal().mean())
+        if not res.applied:
+            anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + k
+            return res
+        self._scatter(res.increments)
+        before = int(anchor[_N_UPDATES])
+        anchor[_N_UPDATES] = n = before + k
         nu = group["nu"]
-        anchor[_LAM] = nu * lam + 1.0 - nu
+        anchor[_LAM] = 1.0 - (1.0 - lam) * nu**k
         every = group["symmetrize_every"]
-        if every and n % every == 0:
+        if every and n // every > before // every:
             for p_i in P:
                 symmetrize_(p_i)
-        return result if closure is not None else error
+        return res
 
     # ------------------------------------------------------------------ logging
     @torch.no_grad()
