@@ -230,8 +230,10 @@ def rlekf_update_rank_k(
 
     * ``lam`` is applied once for all ``k`` measurements (``P`` is divided by ``lam`` once and
       ``L*lam`` enters every diagonal entry of ``A``); the paper divides by ``lam_t`` at every
-      measurement. The caller advances the schedule (:meth:`~rlekf.optim.RLEKF.step_k` does
-      ``lam <- 1 - (1 - lam) * nu**k``).
+      measurement. Choosing ``lam`` and advancing the schedule is the caller's job:
+      :meth:`~rlekf.optim.RLEKF.step_k` passes the product ``lam_t * ... * lam_{t+k-1}`` (the
+      same total forgetting as ``k`` paper updates) and then sets
+      ``lam <- 1 - (1 - lam) * nu**k``.
     * With ``lam = 1`` and one block (``L = 1``, GEKF) the result equals ``k`` sequential
       rank-1 updates with the same ``H``'s when each later error is taken at the updated
       weights of the linearized model (``eps_j - H_j^T dw_so_far``), as a fresh forward pass
@@ -249,7 +251,7 @@ def rlekf_update_rank_k(
             are fine.
         errors: The ``k`` errors ``eps_j`` (after the sign trick), a sequence or ``(k,)``
             tensor.
-        lam: Forgetting factor ``lambda_t`` in ``(0, 1]``, applied once.
+        lam: Forgetting factor in ``(0, 1]``, applied once for all ``k`` measurements.
         weights: Optional flat weight blocks ``(n_i,)`` to update in place with ``w_i += dw_i``.
         out: Optional preallocated ``(n_i, k)`` buffers in ``P``'s dtype for ``K_i``.
 
@@ -263,7 +265,10 @@ def rlekf_update_rank_k(
     """
     if not lam > 0.0:
         raise ValueError(f"Invalid forgetting factor lam: {lam}")
-    eps = torch.as_tensor(errors).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    if isinstance(errors, Tensor):
+        eps = errors.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    else:  # Python floats: float64, not the default dtype
+        eps = torch.as_tensor([float(e) for e in errors], dtype=torch.float64)
     k = eps.numel()
     if k == 0:
         raise ValueError("rlekf_update_rank_k needs at least one error")

@@ -88,6 +88,10 @@ class RLEKF(Optimizer):
         P_i &\leftarrow (P_i - K_i K_i^\top / a) / \lambda_t\\
         \lambda_{t+1} &= \nu \lambda_t + 1 - \nu
 
+    :meth:`step_k` is an opt-in "fused" variant that absorbs ``k`` measurements taken at
+    the same weights in one rank-``k`` update (one pass over ``P``; see its docstring for
+    how it differs from ``k`` calls of :meth:`step`).
+
     ``P`` is kept in ``p_dtype`` independently of the model dtype (a float32 model with a
     float64 ``P`` is supported: ``H`` is cast to ``p_dtype`` and the increments are added
     back into the parameters). Updates with a non-finite error, gradient or innovation are
@@ -473,8 +477,13 @@ class RLEKF(Optimizer):
           one block and ``lambda = 1`` equals ``k`` sequential updates of the linearized model;
           with several blocks the cross-block correlations that one measurement creates are
           seen by the others (the paper drops them after every measurement);
-        * ``lambda_t`` is applied once (``P`` is divided by it once, and ``L*lambda_t`` is the
-          noise of every measurement), whereas the paper divides by ``lambda`` ``k`` times;
+        * forgetting is applied once, with the product of the ``k`` factors the paper would
+          use, ``lambda_eff = lambda_t * lambda_{t+1} * ... * lambda_{t+k-1}``: ``P`` is divided
+          by ``lambda_eff`` once (the paper divides by each ``lambda_j`` in turn, so the total
+          inflation of ``P`` is the same), and the measurement noise is ``L * lambda_eff``
+          for all ``k`` (paper: ``L * lambda_j`` for measurement ``j``). Dividing by
+          ``lambda_t`` alone would forget ~``k`` times less; measured on the short Cu
+          training test it then did not learn forces at all within 720 measurements;
         * the schedule then advances by ``k`` measurements,
           ``lambda <- 1 - (1 - lambda) * nu**k``, i.e. ``lambda`` is the same function of
           :attr:`n_updates` as in the paper (``1 - lambda_t = (1 - lambda_1) nu^(t-1)``).
@@ -500,7 +509,10 @@ class RLEKF(Optimizer):
         Raises:
             ValueError: On mismatched shapes or sparse gradients.
         """
-        eps = torch.as_tensor(errors).detach().reshape(-1)
+        if isinstance(errors, Tensor):
+            eps = errors.detach().reshape(-1)
+        else:  # Python floats: float64, not the default dtype
+            eps = torch.as_tensor([float(e) for e in errors], dtype=torch.float64)
         k = eps.numel()
         if k == 0:
             raise ValueError("RLEKF.step_k needs at least one error")
@@ -510,7 +522,10 @@ class RLEKF(Optimizer):
         group = self._group
         anchor = self._anchor
         lam = float(anchor[_LAM])
-        res = rlekf_update_rank_k(P, H, eps, lam)
+        nu = group["nu"]
+        # lambda_t ... lambda_{t+k-1}: the values k paper updates would have used
+        lams = [lam] + [1.0 - (1.0 - lam) * nu**j for j in range(1, k)]
+        res = rlekf_update_rank_k(P, H, eps, math.prod(lams))
         anchor[_LAST_A] = float(res.innovation.diagonal().mean())
         if not res.applied:
             anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + k
@@ -518,8 +533,8 @@ class RLEKF(Optimizer):
         self._scatter(res.increments)
         before = int(anchor[_N_UPDATES])
         anchor[_N_UPDATES] = n = before + k
-        nu = group["nu"]
-        anchor[_LAM] = 1.0 - (1.0 - lam) * nu**k
+        nu_k = nu**k
+        anchor[_LAM] = nu_k * lam + 1.0 - nu_k  # = 1 - (1 - lam) nu^k; k = 1: as in step
         every = group["symmetrize_every"]
         if every and n // every > before // every:
             for p_i in P:

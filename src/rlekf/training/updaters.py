@@ -42,6 +42,24 @@ class KalmanUpdater:
     ``sqrt(batch size)`` factor. Force atoms are drawn with replacement from a seeded
     ``torch.Generator`` whose state is saved in checkpoints.
 
+    Two modes (``k = 1 + n_select/group_size`` measurements per batch with both enabled):
+
+    * ``"paper"`` (default, the paper's algorithm): each measurement gets a fresh forward pass
+      at the current weights and its own rank-1 update (``optimizer.step``): ``k`` forward
+      passes and ``k`` passes over ``P`` per batch.
+    * ``"fused"`` (opt-in, faster, needs :class:`~rlekf.optim.RLEKF`): ONE forward pass with
+      ``create_graph=True`` gives energy and forces; the ``k`` measurement gradients ``H``
+      come from ``k`` backward passes through that one graph (same scalars, signs,
+      prefactors, normalisations and ``sqrt(bs)`` as in paper mode), then ONE rank-``k``
+      update (:meth:`~rlekf.optim.RLEKF.step_k`, called through ``optimizer.step(error=...,
+      grads=...)`` so that Lightning counts one global step per batch instead of ``k``).
+      Differences from the paper: all ``k`` measurements (and their signs) are taken at the
+      batch's starting weights instead of after each preceding update, and they are absorbed
+      jointly (the ``k x k`` innovation matrix couples them); ``P`` is divided once per batch
+      by the product of the ``k`` forgetting factors the paper would apply one by one (same
+      total forgetting), and the ``lambda`` schedule still advances per measurement
+      (``lambda <- 1 - (1 - lambda) nu^k``). ``n_updates`` still grows by ``k`` per batch.
+
     Args:
         energy_prefactor: p_E.
         force_prefactor: p_F (2 in the paper-era code and PWMLFF, 1 in DeePMD-kit).
@@ -50,7 +68,11 @@ class KalmanUpdater:
         train_energy: run the energy measurement.
         train_force: run the force measurements.
         seed: seeds the atom sampling.
+        mode: ``"paper"`` (exact, default) or ``"fused"`` (one forward pass and one rank-k
+            update per batch; see above).
     """
+
+    MODES = ("paper", "fused")
 
     name = "kalman"
 
@@ -64,7 +86,10 @@ class KalmanUpdater:
         train_energy: bool = True,
         train_force: bool = True,
         seed: int = 0,
+        mode: str = "paper",
     ) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"Invalid mode: {mode!r} (expected one of {self.MODES})")
         if n_select < 1 or group_size < 1 or n_select % group_size:
             raise ValueError(
                 f"n_select ({n_select}) must be a positive multiple of group_size ({group_size})"
@@ -79,6 +104,7 @@ class KalmanUpdater:
         self.group_size = int(group_size)
         self.train_energy = train_energy
         self.train_force = train_force
+        self.mode = mode
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def state_dict(self) -> dict[str, Any]:
@@ -90,13 +116,8 @@ class KalmanUpdater:
     def energy_measurement(self, model, batch, n: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Backward the signed energy measurement (H in ``.grad``); return ε and predictions."""
         out = model(batch, forces=False)
-        e_pred = out[K.ENERGY]
-        bs = e_pred.shape[0]
-        p = self.energy_prefactor
-        err = (batch[K.ENERGY].to(e_pred.dtype) - e_pred.detach()) / n
-        sign = torch.sign(err)
-        eps = math.sqrt(bs) * torch.mean(torch.abs(p * err))
-        (torch.sum(sign * p * e_pred) / n).backward()
+        eps, scalar = self._energy_scalar(out[K.ENERGY], batch, n)
+        scalar.backward()
         return eps, out
 
     def force_measurement(
@@ -104,22 +125,71 @@ class KalmanUpdater:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Backward the signed force measurement on ``atoms`` of every frame; return ε."""
         out = model(batch, forces=True, create_graph=True)
+        eps, scalar = self._force_scalar(out, batch, n, atoms)
+        scalar.backward()
+        return eps, out
+
+    def _energy_scalar(self, e_pred: Tensor, batch, n: int) -> tuple[Tensor, Tensor]:
+        """``(eps, scalar)`` of the energy measurement: backward ``scalar`` to get ``H``."""
+        bs = e_pred.shape[0]
+        p = self.energy_prefactor
+        err = (batch[K.ENERGY].to(e_pred.dtype) - e_pred.detach()) / n
+        eps = math.sqrt(bs) * torch.mean(torch.abs(p * err))
+        return eps, torch.sum(torch.sign(err) * p * e_pred) / n
+
+    def _force_scalar(self, out, batch, n: int, atoms: Tensor) -> tuple[Tensor, Tensor]:
+        """``(eps, scalar)`` of the force measurement on ``atoms`` of every frame."""
         f_pred = out[K.FORCES]
         bs = f_pred.shape[0] // n
         f_sel = f_pred.reshape(bs, n, 3)[:, atoms]
         f_lab = batch[K.FORCES].to(f_pred.dtype).reshape(bs, n, 3)[:, atoms]
         p = self.force_prefactor
         delta = p * (f_lab - f_sel.detach())
-        sign = torch.sign(delta)
         eps = math.sqrt(bs) * torch.mean(torch.abs(delta)) / n
-        scalar = torch.sum(sign * p * f_sel) / (n * len(atoms) * 3)
+        scalar = torch.sum(torch.sign(delta) * p * f_sel) / (n * len(atoms) * 3)
         # the zero-weighted energy term gives every parameter a gradient (pytorch#43259)
-        (scalar + 0.0 * out[K.ENERGY].sum()).backward()
-        return eps, out
+        return eps, scalar + 0.0 * out[K.ENERGY].sum()
+
+    def fused_measurements(
+        self, model, batch, n: int, groups: Tensor | None, params
+    ) -> tuple[Tensor, list[tuple[Tensor | None, ...]], dict[str, Tensor]]:
+        """All measurements of a batch from ONE forward pass (fused mode).
+
+        Args:
+            groups: ``(n_groups, group_size)`` atom indices of the force measurements, or
+                ``None`` for no force measurement.
+            params: the parameters to differentiate (the optimizer's, in its order).
+
+        Returns:
+            ``(eps, H, out)``: the ``k`` errors as a ``(k,)`` tensor (energy first, then the
+            force groups in order), the ``k`` gradient sets (one entry per parameter, ``None``
+            where a parameter does not reach the scalar) and the predictions.
+        """
+        forces = groups is not None
+        out = model(batch, forces=forces, create_graph=forces)
+        measurements: list[tuple[Tensor, Tensor]] = []
+        if self.train_energy:
+            measurements.append(self._energy_scalar(out[K.ENERGY], batch, n))
+        if forces:
+            for group in groups:
+                measurements.append(self._force_scalar(out, batch, n, group))
+        eps = torch.stack([e for e, _ in measurements])
+        grads = []
+        for j, (_, scalar) in enumerate(measurements):
+            last = j == len(measurements) - 1
+            grads.append(
+                torch.autograd.grad(scalar, params, retain_graph=not last, allow_unused=True)
+            )
+        return eps, grads, out
 
     def update(self, model, batch: Mapping[str, Tensor], optimizer) -> dict[str, Tensor]:
-        """Apply 1 energy + n_select/group_size force updates; return the last predictions."""
+        """Apply 1 energy + n_select/group_size force updates; return the last predictions.
+
+        In ``"fused"`` mode these are one rank-k update from one forward pass (class doc).
+        """
         n = equal_atom_count(batch)
+        if self.mode == "fused":
+            return self._update_fused(model, batch, optimizer, n)
         out: dict[str, Tensor] = {}
         if self.train_energy:
             optimizer.zero_grad(set_to_none=True)
@@ -134,6 +204,19 @@ class KalmanUpdater:
                 )
                 optimizer.step(error=eps)
         optimizer.zero_grad(set_to_none=True)
+        return {k: v.detach() for k, v in out.items()}
+
+    def _update_fused(self, model, batch, optimizer, n: int) -> dict[str, Tensor]:
+        groups = None
+        if self.train_force:
+            atoms = torch.randint(n, (self.n_select,), generator=self.generator)
+            groups = atoms.reshape(-1, self.group_size).to(batch[K.FORCES].device)
+        params = optimizer.param_groups[0]["params"]
+        optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            eps, grads, out = self.fused_measurements(model, batch, n, groups, params)
+        # through step (not step_k) so that a Lightning wrapper counts the global step
+        optimizer.step(error=eps.detach(), grads=grads)
         return {k: v.detach() for k, v in out.items()}
 
 
