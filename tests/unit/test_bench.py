@@ -57,7 +57,7 @@ def test_report_files(tmp_path):
     ]
     md = write_report(tmp_path, "quick", 10, runs, summarize(runs), micro)
     text = md.read_text()
-    assert "| cu |" in text and "| Cu | 5120 | 7 |" in text
+    assert "| cu (rlekf) |" in text and "| Cu | 5120 | 7 |" in text
     assert md.with_name(md.stem + "-curves.png").exists()
     with open(md.with_suffix(".csv")) as fh:
         assert next(csv.DictReader(fh))["dataset"] == "cu"
