@@ -51,6 +51,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "budget_s": 120,
         "micro_blocks": [1024, 5120],
     },
+    "cu": {
+        "datasets": {
+            "cu_pwmat": {"all": [], "adam": ["trainer.max_epochs=120"]},
+        },
+        "budget_s": 480,
+        "micro_blocks": [1024, 2048, 5120, 10240],
+    },
     "full": {
         "datasets": {
             "cu_pwmat": {"all": [], "adam": ["trainer.max_epochs=150"]},
@@ -158,20 +165,28 @@ def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
             rows.append({"dataset": ds, "note": "a run failed or logged no epoch"})
             continue
         row: dict[str, Any] = {"dataset": ds}
-        for q in ("force", "energy"):
-            best = min(min(getattr(r, f"{q}_rmse")) for r in by.values())
-            target = TARGET_FACTOR * best
-            row[f"{q}_target"] = target
-            for name, r in by.items():
-                ep, t = epochs_to_target(getattr(r, f"{q}_rmse"), r.elapsed_s, target)
-                row[f"{name}_{q}_epochs"] = ep
-                row[f"{name}_{q}_s"] = t
-            for kal in (k for k in KALMAN if k in by):
-                a_ep, k_ep = row[f"adam_{q}_epochs"], row[f"{kal}_{q}_epochs"]
-                a_t, k_t = row[f"adam_{q}_s"], row[f"{kal}_{q}_s"]
-                prefix = "" if kal == "rlekf" else f"{kal}_"
-                row[f"{prefix}{q}_epoch_ratio"] = a_ep / k_ep if a_ep and k_ep else None
-                row[f"{prefix}{q}_time_ratio"] = a_t / k_t if a_t and k_t else None
+        adam = by["adam"]
+        for kal in (k for k in KALMAN if k in by):
+            prefix = "" if kal == "rlekf" else f"{kal}_"
+            for q in ("force", "energy"):
+                # the paper's criterion, per pair: 1.2 x the best RMSE either of the two reached
+                best = min(min(getattr(r, f"{q}_rmse")) for r in (adam, by[kal]))
+                target = TARGET_FACTOR * best
+                row[f"{prefix}{q}_target"] = target
+                a_ep, a_t = epochs_to_target(getattr(adam, f"{q}_rmse"), adam.elapsed_s, target)
+                k_ep, k_t = epochs_to_target(
+                    getattr(by[kal], f"{q}_rmse"), by[kal].elapsed_s, target
+                )
+                row[f"{prefix}adam_{q}_epochs"], row[f"{prefix}adam_{q}_s"] = a_ep, a_t
+                row[f"{kal}_{q}_epochs"], row[f"{kal}_{q}_s"] = k_ep, k_t
+                if a_ep and k_ep:
+                    row[f"{prefix}{q}_epoch_ratio"] = a_ep / k_ep
+                    row[f"{prefix}{q}_time_ratio"] = a_t / k_t
+                elif k_ep:  # Adam never got there: a lower bound from what it ran
+                    row[f"{prefix}{q}_epoch_ratio"] = f">={adam.epochs[-1] / k_ep:.3g}"
+                    row[f"{prefix}{q}_time_ratio"] = f">={adam.elapsed_s[-1] / k_t:.3g}"
+                else:
+                    row[f"{prefix}{q}_epoch_ratio"] = row[f"{prefix}{q}_time_ratio"] = None
         for name, r in by.items():
             row[f"{name}_final_energy"] = r.energy_rmse[-1]
             row[f"{name}_final_force"] = r.force_rmse[-1]
@@ -291,8 +306,10 @@ def write_report(
         f"Machine: {machine_name()}. Budget {budget} s of training per run (Lightning "
         "`max_time`), one run per optimizer and data set, same model/data/split/dtype/seed.",
         "",
-        f"Target = {TARGET_FACTOR} × the best validation RMSE either optimizer reached; "
-        "ratio = Adam / RLEKF (> 1: RLEKF faster). Wall-clock includes validation.",
+        f"Target = {TARGET_FACTOR} × the best validation RMSE that Adam or that Kalman mode "
+        "reached (per pair); ratio = Adam / RLEKF (> 1: RLEKF faster; `>=x`: Adam did not "
+        "reach the target in its run, x = what it ran / what RLEKF needed). Wall-clock "
+        "includes validation and checkpoint writes.",
         "",
         "| data (Kalman mode) | force: epochs Adam / RLEKF (ratio) | "
         "force: seconds Adam / RLEKF (ratio) | "
@@ -311,13 +328,13 @@ def write_report(
             p = "" if kal == "rlekf" else f"{kal}_"
             lines.append(
                 f"| {r['dataset']} ({kal}) "
-                f"| {_fmt(r['adam_force_epochs'])} / {_fmt(r[f'{kal}_force_epochs'])} "
+                f"| {_fmt(r[f'{p}adam_force_epochs'])} / {_fmt(r[f'{kal}_force_epochs'])} "
                 f"({_fmt(r[f'{p}force_epoch_ratio'])}) "
-                f"| {_fmt(r['adam_force_s'], '.0f')} / {_fmt(r[f'{kal}_force_s'], '.0f')} "
+                f"| {_fmt(r[f'{p}adam_force_s'], '.0f')} / {_fmt(r[f'{kal}_force_s'], '.0f')} "
                 f"({_fmt(r[f'{p}force_time_ratio'])}) "
-                f"| {_fmt(r['adam_energy_epochs'])} / {_fmt(r[f'{kal}_energy_epochs'])} "
+                f"| {_fmt(r[f'{p}adam_energy_epochs'])} / {_fmt(r[f'{kal}_energy_epochs'])} "
                 f"({_fmt(r[f'{p}energy_epoch_ratio'])}) "
-                f"| {_fmt(r['adam_energy_s'], '.0f')} / {_fmt(r[f'{kal}_energy_s'], '.0f')} "
+                f"| {_fmt(r[f'{p}adam_energy_s'], '.0f')} / {_fmt(r[f'{kal}_energy_s'], '.0f')} "
                 f"({_fmt(r[f'{p}energy_time_ratio'])}) "
                 f"| {_fmt(r['adam_final_force'])} / {_fmt(r[f'{kal}_final_force'])} "
                 f"| {_fmt(r['adam_final_energy'])} / {_fmt(r[f'{kal}_final_energy'])} "
@@ -397,12 +414,13 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="rlekf-bench-"))
     runs: list[RunResult] = []
     if not args.no_train:
-        for ds, overrides in preset["datasets"].items():
+        for ds, over in preset["datasets"].items():
             if args.datasets and ds not in args.datasets:
                 continue
             for optim in OPTIMS:
-                print(f"[bench] {ds} / {optim}: {budget} s", flush=True)
-                r = run_training(ds, optim, [*overrides, *args.extra], budget, work / ds / optim)
+                overrides = [*over.get("all", []), *over.get(optim, []), *args.extra]
+                print(f"[bench] {ds} / {optim}: {budget} s {overrides}", flush=True)
+                r = run_training(ds, optim, overrides, budget, work / ds / optim)
                 print(
                     f"[bench]   {len(r.epochs)} epochs, rc={r.returncode}, final force "
                     f"{r.force_rmse[-1] if r.force_rmse else 'n/a'}",

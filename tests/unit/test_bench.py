@@ -37,7 +37,8 @@ def test_summarize_uses_the_best_of_either_optimizer():
     assert row["force_epoch_ratio"] == pytest.approx(2.0)
     assert row["force_time_ratio"] == pytest.approx(4.0 / 10.0)
     assert row["energy_target"] == pytest.approx(1.2 * 0.009)
-    assert row["adam_energy_epochs"] is None and row["energy_epoch_ratio"] is None
+    assert row["adam_energy_epochs"] is None and row["energy_epoch_ratio"] == ">=2"
+    assert row["energy_time_ratio"] == f">={4.0 / 10.0:.3g}"
 
 
 def test_report_files(tmp_path):
