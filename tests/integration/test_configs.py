@@ -81,3 +81,19 @@ def test_gekf_refuses_above_memory_budget(tmp_path):
 def test_shared_paths_point_beside_the_clone(tmp_path):
     cfg = compose_cfg("train", ["data=cu_pwmat"], tmp_path)
     assert Path(cfg.data.path).parts[-3:] == ("data", "cu_pwmat", "0_300_MOVEMENT")
+
+
+@pytest.mark.parametrize("name", ["train", "eval"])
+def test_run_and_sweep_dirs_resolve_before_hydra_config_exists(name):
+    """The multirun sweeper resolves hydra.sweep.dir before HydraConfig is set: no ${hydra:}."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None
+    overrides = ["ckpt_path=x"] if name == "eval" else []
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    assert str(cfg.hydra.sweep.dir).startswith("./logs/")
+    assert str(cfg.hydra.run.dir).startswith("./logs/")
