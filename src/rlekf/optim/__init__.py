@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rlekf.optim.distributed import ShardedRLEKF, assign_blocks
 from rlekf.optim.functional import (
     RLEKFRankKUpdate,
     RLEKFUpdate,
@@ -18,8 +19,10 @@ __all__ = [
     "RLEKFRankKUpdate",
     "RLEKFUpdate",
     "Segment",
+    "ShardedRLEKF",
     "partition_parameters",
     "partition_sizes",
+    "assign_blocks",
     "rlekf_update",
     "rlekf_update_rank_k",
     "symmetrize_",

@@ -1,0 +1,185 @@
+"""ShardedRLEKF on 2 gloo ranks (spawned processes) vs. single-process RLEKF."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from rlekf.optim import RLEKF, ShardedRLEKF, assign_blocks
+
+WORLD = 2
+N_STEPS = 10
+HALF = 3  # samples per rank and step
+NAN_STEP = 3  # rank 1 reports a NaN error here: every rank (and the reference) must skip
+BLOCK_SIZE = 64  # 353 parameters -> blocks [64, 64, 64, 64, 64, 33]
+
+
+def _make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
+    ).double()
+
+
+def _batch(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + t)
+    x = torch.randn(WORLD * HALF, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(WORLD * HALF, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _measure(model: nn.Module, t: int, rank: int) -> float:
+    """Back-propagate this rank's half of batch t; return its error (label - prediction)."""
+    x, y = _batch(t)
+    sl = slice(rank * HALF, (rank + 1) * HALF)
+    pred = model(x[sl]).mean()
+    pred.backward()
+    if t == NAN_STEP and rank == 1:
+        return math.nan
+    return float(y[sl].mean() - pred.detach())
+
+
+def _make_opt(model: nn.Module, cls: type = ShardedRLEKF) -> RLEKF:
+    return cls(model.parameters(), block_size=BLOCK_SIZE, p0=1.0)
+
+
+def _worker(rank: int, tmp: str, tag: str, load_tag: str | None, start: int, stop: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/init-{tag}", rank=rank, world_size=WORLD
+    )
+    try:
+        model = _make_model()
+        opt = _make_opt(model)
+        if load_tag is not None:
+            ck = torch.load(f"{tmp}/{load_tag}-rank{rank}.pt", weights_only=False)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+        for t in range(start, stop):
+            model.zero_grad()
+            opt.step(_measure(model, t, rank))
+        full = opt.gather_state_dict(dst=0)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "full": full,
+                "owned": opt.owned_blocks,
+                "p_bytes_local": opt.p_bytes_local,
+                "p_bytes": opt.p_bytes,
+            },
+            f"{tmp}/{tag}-rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp: Path, tag: str, load_tag: str | None, start: int, stop: int) -> list[dict]:
+    mp.spawn(_worker, args=(str(tmp), tag, load_tag, start, stop), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"{tag}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _reference(n: int) -> tuple[nn.Module, RLEKF]:
+    """Single-process RLEKF fed the gradient and error averaged over the two halves."""
+    model = _make_model()
+    opt = _make_opt(model, RLEKF)
+    params = list(model.parameters())
+    for t in range(n):
+        grads, errs = [], []
+        for r in range(WORLD):
+            model.zero_grad()
+            errs.append(_measure(model, t, r))
+            grads.append([p.grad.clone() for p in params])
+        for p, g0, g1 in zip(params, *grads, strict=True):
+            p.grad = (g0 + g1) / WORLD
+        opt.step((errs[0] + errs[1]) / WORLD)
+    return model, opt
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-12) -> bool:
+    scale = max(1.0, float(b.abs().max()))
+    return a.shape == b.shape and float((a - b).abs().max()) <= tol * scale
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, list[dict]]:
+    tmp = tmp_path_factory.mktemp("dist")
+    return tmp, _spawn(tmp, "full10", None, 0, N_STEPS)
+
+
+def test_sharded_matches_single_process(uninterrupted) -> None:
+    _, res = uninterrupted
+    ref_model, ref_opt = _reference(N_STEPS)
+    assert ref_opt.n_updates == N_STEPS - 1 and ref_opt.n_skipped == 1
+    ref_P = ref_opt.covariance
+    assert len(ref_P) >= 4
+
+    # sharding: disjoint, complete, balanced by n_i^2
+    owned = [set(r["owned"]) for r in res]
+    assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(range(len(ref_P)))
+    assert sum(r["p_bytes_local"] for r in res) == res[0]["p_bytes"] == ref_opt.p_bytes
+    assert max(r["p_bytes_local"] for r in res) <= 0.6 * ref_opt.p_bytes
+
+    for r in res:  # identical weights on every rank, equal to the reference
+        for k, v in ref_model.state_dict().items():
+            assert _close(r["model"][k], v), k
+        meta = r["opt"]["sharding"]
+        assert meta["world_size"] == WORLD and meta["owned_blocks"] == sorted(r["owned"])
+        anchor = r["opt"]["state"][0]
+        assert anchor["lam"] == pytest.approx(ref_opt.lam, abs=1e-15)
+        assert anchor["n_updates"] == N_STEPS - 1 and anchor["n_skipped"] == 1
+        for i, p in zip(meta["owned_blocks"], anchor["P"], strict=True):
+            assert _close(p, ref_P[i], 1e-10), i
+
+    full = res[0]["full"]
+    assert res[1]["full"] is None
+    gathered = full["state"][0]["P"]
+    assert len(gathered) == len(ref_P)
+    for p, q in zip(gathered, ref_P, strict=True):
+        assert _close(p, q, 1e-10)
+
+    # the gathered dict is a plain RLEKF checkpoint, loadable by RLEKF and by a 1-rank shard
+    for cls in (RLEKF, ShardedRLEKF):
+        opt = _make_opt(_make_model(), cls)
+        opt.load_state_dict(full)
+        assert opt.lam == ref_opt.lam and opt.n_updates == N_STEPS - 1
+        for p, q in zip(opt.covariance, ref_P, strict=True):
+            assert _close(p, q, 1e-10)
+
+
+def test_resume_per_rank_files_equals_uninterrupted(uninterrupted) -> None:
+    tmp, full10 = uninterrupted
+    _spawn(tmp, "first5", None, 0, 5)
+    res = _spawn(tmp, "resumed", "first5", 5, N_STEPS)  # fresh processes, fresh optimizers
+    for a, b in zip(res, full10, strict=True):
+        for k, v in b["model"].items():
+            assert torch.equal(a["model"][k], v), k
+        sa, sb = a["opt"]["state"][0], b["opt"]["state"][0]
+        assert sa["lam"] == sb["lam"] and sa["n_updates"] == sb["n_updates"]
+        assert sa["n_skipped"] == sb["n_skipped"] == 1
+        for p, q in zip(sa["P"], sb["P"], strict=True):
+            assert torch.equal(p, q)
+
+
+def test_load_shard_on_other_world_size_refuses(uninterrupted) -> None:
+    _, res = uninterrupted
+    opt = _make_opt(_make_model())  # no process group: one rank
+    assert opt.world_size == 1 and opt.owned_blocks == tuple(range(len(opt.blocks)))
+    with pytest.raises(ValueError, match=r"saved by rank 0 of 2 ranks.*1 rank"):
+        opt.load_state_dict(res[0]["opt"])
+
+
+def test_assign_blocks_balanced_and_deterministic() -> None:
+    costs = [n * n for n in (5120, 5120, 300, 5120, 2000, 17, 5120, 4000)]
+    owner = assign_blocks(costs, 3)
+    assert owner == assign_blocks(costs, 3)
+    loads = [sum(c for c, o in zip(costs, owner, strict=True) if o == r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(costs)
+    assert assign_blocks(costs, 1) == (0,) * len(costs)
+    assert sorted(set(assign_blocks([1, 1], 4))) == [0, 1]  # idle ranks allowed
