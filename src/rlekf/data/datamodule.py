@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from rlekf.data import keys as K
 from rlekf.data.dataset import AtomsDataset, GroupedBatchSampler, collate_atoms
+from rlekf.data.io import atomic_write_bytes
 from rlekf.data.readers import DataError, Frame, read_frames_with_report
 from rlekf.data.stats import energy_bias, env_statistics
 
@@ -91,20 +91,6 @@ def split_frames(
     test = sorted(i for u in order[n_val : n_val + n_test] for i in units[u])
     train = sorted(i for u in order[n_val + n_test :] for i in units[u])
     return {"train": train, "val": val, "test": test}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class AtomsDataModule(L.LightningDataModule):
@@ -225,7 +211,7 @@ class AtomsDataModule(L.LightningDataModule):
         idx = split_frames(frames, mode, val_f, test_f, self.n_blocks, self.seed)
         if split_file is not None:
             payload = {name: [keys[i] for i in idx[name]] for name in ("train", "val", "test")}
-            _atomic_write_text(split_file, json.dumps(payload))
+            atomic_write_bytes(split_file, json.dumps(payload).encode())
         return idx
 
     def setup(self, stage: str | None = None) -> None:

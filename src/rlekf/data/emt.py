@@ -17,7 +17,6 @@ import inspect
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rlekf.data.io import atomic_write_bytes
 from rlekf.data.readers import DataWarning, Frame, read_frames
 
 __all__ = [
@@ -226,7 +226,7 @@ def ensure_cu_emt(cache_dir: str | os.PathLike, **params: Any) -> Path:
     buf = io.StringIO()
     _write_extxyz(buf, frames)
     data = buf.getvalue().encode()
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     meta = {
         "generator": "rlekf.data.emt.generate_cu_emt",
         "generator_version": GENERATOR_VERSION,
@@ -236,7 +236,7 @@ def ensure_cu_emt(cache_dir: str | os.PathLike, **params: Any) -> Path:
         "ase_version": _ase_version(),
         "units": {"energy": "eV", "forces": "eV/Angstrom", "stress": "eV/Angstrom^3"},
     }
-    _atomic_write(meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
@@ -294,31 +294,3 @@ def _write_extxyz(fh: io.StringIO, frames: list[Frame]) -> None:
     import ase.io
 
     ase.io.write(fh, [f.to_atoms() for f in frames], format="extxyz")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

@@ -434,22 +434,7 @@ class ShardedRLEKF(RLEKF):
                 full state with :meth:`gather_state_dict` in the old run instead).
         """
         meta = state_dict.get(_SHARDING)
-        groups = state_dict.get("param_groups", [])
-        if len(groups) != 1:
-            raise ValueError(
-                f"RLEKF state dict must have exactly one parameter group, got {len(groups)}"
-            )
-        saved_ids = groups[0]["params"]
-        if len(saved_ids) != len(self._group["params"]):
-            raise ValueError(
-                f"RLEKF state dict has {len(saved_ids)} parameters, "
-                f"this optimizer has {len(self._group['params'])}"
-            )
-        anchor_id = saved_ids[0]
-        saved_state = state_dict.get("state", {})
-        saved_anchor = saved_state.get(anchor_id)
-        if saved_anchor is None or _LAM not in saved_anchor:
-            raise ValueError("not an RLEKF state dict (no 'lam' entry under the first parameter)")
+        saved_state, anchor_id, saved_anchor = self._saved_anchor(state_dict)
         saved_p = saved_anchor.get(_P)
 
         if meta is not None:

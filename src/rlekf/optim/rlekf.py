@@ -566,17 +566,11 @@ class RLEKF(Optimizer):
         }
 
     # ------------------------------------------------------------------ checkpointing
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict`, keeping ``P`` in its own dtype.
+    def _saved_anchor(self, state_dict: dict[str, Any]) -> tuple[dict, Any, dict]:
+        """Check that ``state_dict`` is an RLEKF state dict for these parameters.
 
-        :meth:`torch.optim.Optimizer.load_state_dict` casts floating state to the dtype of
-        the parameter it is stored under; the covariance blocks are taken out before that
-        and restored afterwards in the (loaded) ``p_dtype`` on the parameters' device, so a
-        save/load round trip is bit-exact. ``lambda`` and the counters are Python scalars.
-
-        Raises:
-            ValueError: If the state dict is not an RLEKF state dict or its block sizes do
-                not match this optimizer's.
+        Returns:
+            (saved ``state``, id of the anchor parameter, the anchor's saved state).
         """
         groups = state_dict.get("param_groups", [])
         if len(groups) != 1:
@@ -594,6 +588,21 @@ class RLEKF(Optimizer):
         saved_anchor = saved_state.get(anchor_id)
         if saved_anchor is None or _LAM not in saved_anchor:
             raise ValueError("not an RLEKF state dict (no 'lam' entry under the first parameter)")
+        return saved_state, anchor_id, saved_anchor
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict`, keeping ``P`` in its own dtype.
+
+        :meth:`torch.optim.Optimizer.load_state_dict` casts floating state to the dtype of
+        the parameter it is stored under; the covariance blocks are taken out before that
+        and restored afterwards in the (loaded) ``p_dtype`` on the parameters' device, so a
+        save/load round trip is bit-exact. ``lambda`` and the counters are Python scalars.
+
+        Raises:
+            ValueError: If the state dict is not an RLEKF state dict or its block sizes do
+                not match this optimizer's.
+        """
+        saved_state, anchor_id, saved_anchor = self._saved_anchor(state_dict)
         saved_p = saved_anchor.get(_P)
         if saved_p is not None:
             found = [
