@@ -151,3 +151,21 @@ def test_lightning_reshuffles_the_grouped_sampler_every_epoch():
     assert sampler.epoch == 1 and list(sampler) != first
     sampler.resume_from(2, 1)
     assert list(sampler) == GroupedBatchSampler([4] * 12, 3, seed=0)._with_epoch(2)[1:]
+
+
+def test_grouped_sampler_shards_batches_across_ranks():
+    sizes = [4] * 10 + [32] * 5
+    full = GroupedBatchSampler(sizes, batch_size=2, shuffle=True, seed=3)
+    shards = [
+        GroupedBatchSampler(sizes, 2, shuffle=True, seed=3, num_replicas=2, rank=r)
+        for r in range(2)
+    ]
+    everything = list(full)  # 5 + 3 = 8 batches
+    assert [len(s) for s in shards] == [4, 4]
+    got = [b for s in shards for b in s]
+    assert sorted(map(tuple, got)) == sorted(map(tuple, everything))
+    assert list(shards[0]) == everything[0::2] and list(shards[1]) == everything[1::2]
+    odd = [GroupedBatchSampler([4] * 6, 2, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    assert [len(list(s)) for s in odd] == [2, 2]  # 3 batches padded to 4
+    with pytest.raises(ValueError, match="rank"):
+        GroupedBatchSampler(sizes, 2, num_replicas=2, rank=2)

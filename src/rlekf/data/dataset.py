@@ -138,16 +138,33 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
     Frames are grouped by atom count; with ``shuffle`` the order inside each group and the order
     of the batches are drawn from a generator seeded with ``seed + epoch``, so every epoch is
-    reproducible and a run resumed at an epoch boundary sees the same batches. For a run resumed
+    reproducible and a run resumed at an epoch boundary sees the same batches. Under
+    torch.distributed each rank takes every ``num_replicas``-th batch of the same order (ranks
+    and world size are read from the initialised process group unless given; use it with
+    ``Trainer(use_distributed_sampler=False)``, as ``trainer=ddp`` does). For a run resumed
     in the middle of an epoch, ``resume_from(epoch, batches_done)`` makes the next pass over
     that epoch skip the batches already trained on.
     """
 
     def __init__(
-        self, n_atoms: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0
+        self,
+        n_atoms: Sequence[int],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_replicas is None or rank is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            num_replicas = dist.get_world_size() if ready else 1
+            rank = dist.get_rank() if ready else 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.n_atoms = list(n_atoms)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -192,8 +209,17 @@ class GroupedBatchSampler(Sampler[list[int]]):
             batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
         return batches
 
+    def _shard(self, batches: list[list[int]]) -> list[list[int]]:
+        """This rank's share under data parallelism: every ``num_replicas``-th batch, the list
+        padded (by repeating its start) so that every rank makes the same number of steps."""
+        if self.num_replicas == 1 or not batches:
+            return batches
+        per_rank = -(-len(batches) // self.num_replicas)
+        padded = batches + batches[: per_rank * self.num_replicas - len(batches)]
+        return padded[self.rank :: self.num_replicas]
+
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches()
+        batches = self._shard(self._batches())
         if self._skip is not None and self._skip[0] == self.epoch:
             batches = batches[self._skip[1] :]
             self._skip = None
@@ -203,7 +229,8 @@ class GroupedBatchSampler(Sampler[list[int]]):
         groups: dict[int, int] = {}
         for n in self.n_atoms:
             groups[n] = groups.get(n, 0) + 1
-        return sum(-(-c // self.batch_size) for c in groups.values())
+        total = sum(-(-c // self.batch_size) for c in groups.values())
+        return -(-total // self.num_replicas)
 
 
 class _EpochForwarder:

@@ -147,7 +147,9 @@ class ForceFieldModule(L.LightningModule):
                         f"kf/P{i}_min_diag", float(md), on_step=True, on_epoch=False, batch_size=bs
                     )
         else:
-            preds = self.updater.update(self.model, batch, opt, virial=self.train_virial)
+            preds = self.updater.update(
+                self.model, batch, opt, virial=self.train_virial, backward=self.manual_backward
+            )
             self._check_skips(bool(preds["skipped"]), "gradient step(s)")
             self.log("train/loss", preds["loss"], on_step=True, on_epoch=True, batch_size=bs)
             self.log("train/lr", self.updater.last_lr, on_step=True, on_epoch=False, batch_size=bs)

@@ -8,7 +8,7 @@ LightningModule owns neither the math nor the schedules. ``optimizer`` may be a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -320,8 +320,20 @@ class GradientUpdater:
             loss = loss + self.prefactor("v", lr) * torch.mean(dv**2 / n.unsqueeze(1))
         return loss
 
-    def update(self, model, batch: Mapping[str, Tensor], optimizer, virial: bool = False):
-        """One gradient step on the weighted loss; non-finite losses skip the step."""
+    def update(
+        self,
+        model,
+        batch: Mapping[str, Tensor],
+        optimizer,
+        virial: bool = False,
+        backward: Callable[[Tensor], None] | None = None,
+    ):
+        """One gradient step on the weighted loss; non-finite losses skip the step.
+
+        Args:
+            backward: how to backpropagate the loss; the LightningModule passes its
+                ``manual_backward`` (under DDP that is what all-reduces the gradients).
+        """
         lr = self.lr(self.step_count)
         self.last_lr = lr
         for group in optimizer.param_groups:
@@ -331,7 +343,7 @@ class GradientUpdater:
         loss = self.loss(out, batch, lr, virial)
         skipped = not bool(torch.isfinite(loss))
         if not skipped:
-            loss.backward()
+            (backward or Tensor.backward)(loss)
             grads_ok = all(
                 p.grad is None or bool(torch.isfinite(p.grad).all())
                 for g in optimizer.param_groups
