@@ -184,23 +184,9 @@ class ShardedRLEKF(RLEKF):
         """Bytes of this rank's covariance blocks (allocated at the first step)."""
         return self.p_numel_local * self.p_dtype.itemsize
 
-    @property
-    def covariance(self) -> list[Tensor]:
-        """This rank's covariance blocks, in the order of :attr:`owned_blocks`."""
-        return self._covariance()
-
-    def _covariance(self) -> list[Tensor]:
-        anchor = self._anchor
-        if _P not in anchor:
-            group = self._group
-            device = group["params"][0].device
-            anchor[_P] = [
-                torch.eye(self._blocks[i].numel, dtype=self.p_dtype, device=device).mul_(
-                    group["p0"]
-                )
-                for i in self._owned
-            ]
-        return anchor[_P]
+    def _local_block_indices(self) -> Sequence[int]:
+        """This rank's blocks: ``covariance`` holds their ``P_i`` in this order."""
+        return self._owned
 
     def _all_reduce_sum(self, t: Tensor) -> None:
         if self._world > 1:
@@ -251,38 +237,24 @@ class ShardedRLEKF(RLEKF):
         dtype = self.p_dtype
         n_total = sum(p.numel() for p in params)
 
-        # (1) flat [H, eps] in p_dtype, averaged over the ranks
-        if self.average_grads:
-            buf = torch.zeros(n_total + 1, dtype=dtype, device=device)
-            off = 0
-            for p in params:
-                g = p.grad
-                if g is not None:
-                    if g.is_sparse:
-                        raise ValueError("RLEKF does not support sparse gradients")
-                    buf[off : off + p.numel()].copy_(_flat(g))
-                off += p.numel()
-            buf[n_total] = eps_local
-            if self._world > 1:
-                self._all_reduce_sum(buf)
-                buf.div_(self._world)
-            flat_h = buf[:n_total]
-            eps = float(buf[n_total])
-        else:
-            flat_h = torch.zeros(n_total, dtype=dtype, device=device)
-            off = 0
-            for p in params:
-                g = p.grad
-                if g is not None:
-                    if g.is_sparse:
-                        raise ValueError("RLEKF does not support sparse gradients")
-                    flat_h[off : off + p.numel()].copy_(_flat(g))
-                off += p.numel()
-            e = torch.tensor([eps_local], dtype=dtype, device=device)
-            if self._world > 1:
-                self._all_reduce_sum(e)
-                e.div_(self._world)
-            eps = float(e[0])
+        # (1) flat [H, eps] in p_dtype, averaged over the ranks (only eps when DDP has already
+        # averaged the gradients: average_grads=False)
+        buf = torch.zeros(n_total + 1, dtype=dtype, device=device)
+        off = 0
+        for p in params:
+            g = p.grad
+            if g is not None:
+                if g.is_sparse:
+                    raise ValueError("RLEKF does not support sparse gradients")
+                buf[off : off + p.numel()].copy_(_flat(g))
+            off += p.numel()
+        buf[n_total] = eps_local
+        if self._world > 1:
+            shared = buf if self.average_grads else buf[n_total:]
+            self._all_reduce_sum(shared)
+            shared.div_(self._world)
+        flat_h = buf[:n_total]
+        eps = float(buf[n_total])
 
         # (2) own quadratic forms, zero-padded to all L blocks, plus a "bad" count
         P = self._covariance()

@@ -281,14 +281,20 @@ class RLEKF(Optimizer):
         """The covariance blocks ``P_i`` (allocated on first access)."""
         return self._covariance()
 
+    def _local_block_indices(self) -> Sequence[int]:
+        """Indices of the blocks whose ``P_i`` this optimizer holds (all of them here)."""
+        return range(len(self._blocks))
+
     def _covariance(self) -> list[Tensor]:
         anchor = self._anchor
         if _P not in anchor:
             group = self._group
             device = group["params"][0].device
             anchor[_P] = [
-                torch.eye(b.numel, dtype=self.p_dtype, device=device).mul_(group["p0"])
-                for b in self._blocks
+                torch.eye(self._blocks[i].numel, dtype=self.p_dtype, device=device).mul_(
+                    group["p0"]
+                )
+                for i in self._local_block_indices()
             ]
         return anchor[_P]
 
