@@ -45,11 +45,27 @@ def _measure(model: nn.Module, t: int, rank: int) -> float:
     return float(y[sl].mean() - pred.detach())
 
 
+def _measure_k(model: nn.Module, t: int, rank: int) -> tuple[torch.Tensor, list]:
+    """One measurement per sample of this rank's half: ``k = HALF`` errors and gradient sets."""
+    x, y = _batch(t)
+    params = list(model.parameters())
+    errs, grads = [], []
+    for j in range(rank * HALF, (rank + 1) * HALF):
+        pred = model(x[j : j + 1]).sum()
+        grads.append(torch.autograd.grad(pred, params))
+        errs.append(float(y[j] - pred.detach()))
+    if t == NAN_STEP and rank == 1:
+        errs[1] = math.nan
+    return torch.tensor(errs, dtype=torch.float64), grads
+
+
 def _make_opt(model: nn.Module, cls: type = ShardedRLEKF) -> RLEKF:
     return cls(model.parameters(), block_size=BLOCK_SIZE, p0=1.0)
 
 
-def _worker(rank: int, tmp: str, tag: str, load_tag: str | None, start: int, stop: int) -> None:
+def _worker(
+    rank: int, tmp: str, tag: str, load_tag: str | None, start: int, stop: int, rank_k: bool
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp}/init-{tag}", rank=rank, world_size=WORLD
@@ -62,8 +78,12 @@ def _worker(rank: int, tmp: str, tag: str, load_tag: str | None, start: int, sto
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["opt"])
         for t in range(start, stop):
-            model.zero_grad()
-            opt.step(_measure(model, t, rank))
+            if rank_k:  # the fused mode's entry point: step(errors, grads=...) -> step_k
+                errs, grads = _measure_k(model, t, rank)
+                opt.step(errs, grads=grads)
+            else:
+                model.zero_grad()
+                opt.step(_measure(model, t, rank))
         full = opt.gather_state_dict(dst=0)
         torch.save(
             {
@@ -76,12 +96,16 @@ def _worker(rank: int, tmp: str, tag: str, load_tag: str | None, start: int, sto
             },
             f"{tmp}/{tag}-rank{rank}.pt",
         )
+        dist.barrier()  # both ranks done before teardown (gloo aborts on a one-sided exit)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp: Path, tag: str, load_tag: str | None, start: int, stop: int) -> list[dict]:
-    mp.spawn(_worker, args=(str(tmp), tag, load_tag, start, stop), nprocs=WORLD, join=True)
+def _spawn(
+    tmp: Path, tag: str, load_tag: str | None, start: int, stop: int, rank_k: bool = False
+) -> list[dict]:
+    args = (str(tmp), tag, load_tag, start, stop, rank_k)
+    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
     return [torch.load(tmp / f"{tag}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -99,6 +123,20 @@ def _reference(n: int) -> tuple[nn.Module, RLEKF]:
         for p, g0, g1 in zip(params, *grads, strict=True):
             p.grad = (g0 + g1) / WORLD
         opt.step((errs[0] + errs[1]) / WORLD)
+    return model, opt
+
+
+def _reference_k(n: int) -> tuple[nn.Module, RLEKF]:
+    """Single-process rank-k RLEKF fed the (k, N) gradient rows and errors averaged over ranks."""
+    model = _make_model()
+    opt = _make_opt(model, RLEKF)
+    for t in range(n):
+        rows, errs = [], []
+        for r in range(WORLD):
+            e, grads = _measure_k(model, t, r)
+            rows.append(torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in grads]))
+            errs.append(e)
+        opt.step_k((errs[0] + errs[1]) / WORLD, (rows[0] + rows[1]) / WORLD)
     return model, opt
 
 
@@ -151,6 +189,25 @@ def test_sharded_matches_single_process(uninterrupted) -> None:
         assert opt.lam == ref_opt.lam and opt.n_updates == N_STEPS - 1
         for p, q in zip(opt.covariance, ref_P, strict=True):
             assert _close(p, q, 1e-10)
+
+
+def test_sharded_rank_k_matches_single_process(tmp_path) -> None:
+    res = _spawn(tmp_path, "k", None, 0, N_STEPS, rank_k=True)
+    ref_model, ref_opt = _reference_k(N_STEPS)
+    assert ref_opt.n_updates == HALF * (N_STEPS - 1) and ref_opt.n_skipped == HALF
+    ref_P = ref_opt.covariance
+    for r in res:
+        for k, v in ref_model.state_dict().items():
+            assert _close(r["model"][k], v), k
+        anchor = r["opt"]["state"][0]
+        assert anchor["lam"] == pytest.approx(ref_opt.lam, abs=1e-15)
+        assert anchor["n_updates"] == ref_opt.n_updates and anchor["n_skipped"] == HALF
+    gathered = res[0]["full"]["state"][0]["P"]
+    assert len(gathered) == len(ref_P)
+    for p, q in zip(gathered, ref_P, strict=True):
+        assert _close(p, q, 1e-10)
+    # not a trivial pass: the weights moved
+    assert not torch.equal(res[0]["model"]["0.weight"], _make_model().state_dict()["0.weight"])
 
 
 def test_resume_per_rank_files_equals_uninterrupted(uninterrupted) -> None:

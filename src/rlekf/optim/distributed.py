@@ -25,7 +25,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlekf.optim.functional import symmetrize_
+from rlekf.optim.functional import (
+    RLEKFRankKUpdate,
+    rank_k_apply_,
+    rank_k_factors,
+    rank_k_gain,
+    symmetrize_,
+)
 from rlekf.optim.rlekf import (
     _GIB,
     _LAM,
@@ -107,7 +113,7 @@ class ShardedRLEKF(RLEKF):
     which both :class:`~rlekf.optim.RLEKF` and a ``ShardedRLEKF`` of any world size load
     (each rank keeps its own blocks).
 
-    Not supported: :meth:`step_k` (rank-k fused updates) and ``step(grads=...)``.
+    :meth:`step_k` (the fused rank-``k`` mode) is sharded the same way.
 
     Args:
         params: As for :class:`~rlekf.optim.RLEKF`.
@@ -207,14 +213,12 @@ class ShardedRLEKF(RLEKF):
             error: This rank's scalar error (averaged over the ranks here), or ``None`` to
                 use the closure's return value; a callable is treated as the closure.
             closure: As for :meth:`RLEKF.step`.
-            grads: Not supported (rank-k updates are not sharded).
+            grads: Forwarded with ``error`` (the ``k`` errors) to :meth:`step_k`.
 
         Returns:
             The closure's return value when a closure is given, otherwise ``error`` (this
             rank's, not the average).
         """
-        if grads is not None:
-            raise NotImplementedError("ShardedRLEKF does not support step(grads=...)/step_k")
         if closure is None and callable(error) and not isinstance(error, Tensor):
             closure, error = error, None
         result = None
@@ -225,6 +229,9 @@ class ShardedRLEKF(RLEKF):
             if result is None:
                 raise ValueError("ShardedRLEKF.step needs error=... or a closure")
             error = result
+        if grads is not None:
+            self.step_k(error, grads)
+            return result if closure is not None else error
         if isinstance(error, Tensor) and error.numel() != 1:
             raise ValueError(f"RLEKF.step needs a scalar error, got shape {tuple(error.shape)}")
         ret = result if closure is not None else error
@@ -308,9 +315,87 @@ class ShardedRLEKF(RLEKF):
                 symmetrize_(p_i)
         return ret
 
-    def step_k(self, errors: Any, grads: Any) -> Any:  # type: ignore[override]
-        """Not supported for the sharded optimizer."""
-        raise NotImplementedError("ShardedRLEKF does not support rank-k updates (step_k)")
+    @torch.no_grad()
+    def step_k(  # type: ignore[override]
+        self,
+        errors: Sequence[float] | Tensor,
+        grads: Tensor | Sequence[Sequence[Tensor | None]],
+    ) -> RLEKFRankKUpdate:
+        """One distributed rank-``k`` update (collective), as :meth:`RLEKF.step_k`.
+
+        Three all-reduces, as in :meth:`step`: the ``(k, N)`` gradient rows (averaged over
+        the ranks unless ``average_grads=False``); one float64 vector holding every block's
+        ``k x k`` quadratic form ``H_i^T P_i H_i`` (zero for blocks of other ranks), this
+        rank's ``k`` errors (averaged) and a count of ranks with non-finite ``H``; the
+        zero-padded weight increments. Every rank then sums the quadratic forms in block
+        order and does the same float64 ``k x k`` algebra
+        (:func:`~rlekf.optim.functional.rank_k_factors`), so ``A`` and the skip decision are
+        identical everywhere, and the result equals single-process :meth:`RLEKF.step_k` fed
+        the averaged rows and errors (bitwise for float64 ``P``).
+
+        Returns:
+            The update with the full increments of all blocks (every rank).
+        """
+        if isinstance(errors, Tensor):
+            eps_local = errors.detach().to(dtype=torch.float64).reshape(-1)
+        else:
+            eps_local = torch.as_tensor([float(e) for e in errors], dtype=torch.float64)
+        k = eps_local.numel()
+        if k == 0:
+            raise ValueError("ShardedRLEKF.step_k needs at least one error")
+        rows = self._gradient_rows(grads, k)
+        device = rows.device
+        if self._world > 1 and self.average_grads:
+            if isinstance(grads, Tensor):  # may be the caller's tensor: do not reduce it
+                rows = rows.clone()
+            self._all_reduce_sum(rows)
+            rows.div_(self._world)
+
+        P = self._covariance()
+        n_blocks = len(self._blocks)
+        kk = k * k
+        red = torch.zeros(n_blocks * kk + k + 1, dtype=torch.float64, device=device)
+        gains: list[Tensor] = []
+        h_ok: list[Tensor] = []
+        for i, p_i in zip(self._owned, P, strict=True):
+            b = self._blocks[i]
+            g, q, ok = rank_k_gain(p_i, rows[:, b.offset : b.offset + b.numel].mT)
+            gains.append(g)
+            red[i * kk : (i + 1) * kk].copy_(q.reshape(-1))
+            h_ok.append(ok)
+        red[n_blocks * kk : n_blocks * kk + k].copy_(eps_local)
+        if h_ok and not bool(torch.stack(h_ok).all()):
+            red[-1] = 1.0
+        self._all_reduce_sum(red)
+        host = red.cpu()
+        eps = host[n_blocks * kk : n_blocks * kk + k]
+        if self._world > 1:
+            eps = eps / self._world
+        quads = host[: n_blocks * kk].view(n_blocks, k, k)
+        quad = quads[0].clone()
+        for i in range(1, n_blocks):  # block order, as the single-process sum
+            quad.add_(quads[i])
+        lam = self._lam_product(k)
+        if not bool(torch.isfinite(eps).all()):
+            res = RLEKFRankKUpdate(torch.full((k, k), math.nan, dtype=torch.float64), False, ())
+            self._finish_k(res, P)
+            return res
+        A, factors = rank_k_factors(quad, bool(host[-1] == 0), eps, lam, n_blocks)
+        if factors is None:
+            res = RLEKFRankKUpdate(A, False, ())
+            self._finish_k(res, P)
+            return res
+        n_total = rows.shape[1]
+        dw = torch.zeros(n_total, dtype=self.p_dtype, device=device)
+        for i, p_i, g in zip(self._owned, P, gains, strict=True):
+            b = self._blocks[i]
+            dw[b.offset : b.offset + b.numel].copy_(rank_k_apply_(p_i, g, factors, lam))
+        self._all_reduce_sum(dw)
+        res = RLEKFRankKUpdate(
+            A, True, tuple(dw[b.offset : b.offset + b.numel] for b in self._blocks)
+        )
+        self._finish_k(res, P)
+        return res
 
     @torch.no_grad()
     def kalman_stats(self) -> dict[str, Any]:

@@ -34,6 +34,9 @@ __all__ = [
     "RLEKFUpdate",
     "innovation",
     "rlekf_update",
+    "rank_k_apply_",
+    "rank_k_factors",
+    "rank_k_gain",
     "rlekf_update_rank_k",
     "symmetrize_",
 ]
@@ -283,40 +286,94 @@ def rlekf_update_rank_k(
     quad: Tensor | None = None
     h_ok: list[Tensor] = []
     for i, (p, h) in enumerate(zip(P, H, strict=True)):
-        h = h.to(p.dtype)
-        g = torch.mm(p, h) if out is None else torch.mm(p, h, out=out[i])
+        g, q, ok = rank_k_gain(p, h, None if out is None else out[i])
         gains.append(g)
-        q = h.mT @ g
         quad = q if quad is None else quad.add_(q)
-        h_ok.append(torch.isfinite(h).all())
+        h_ok.append(ok)
     assert quad is not None
     ok_dev = torch.stack(h_ok).all().to(quad.dtype).reshape(1, 1).expand(1, k)
     # one host transfer (and sync) for A and the finiteness flag; the k x k algebra is float64
     host = torch.cat([quad, ok_dev]).to(device="cpu", dtype=torch.float64)
-    A = host[:k]
-    A = 0.5 * (A + A.mT) + len(P) * lam * torch.eye(k, dtype=torch.float64)
-    if not (bool(host[k, 0]) and bool(torch.isfinite(A).all())):
+    A, factors = rank_k_factors(host[:k], bool(host[k, 0]), eps, lam, len(P))
+    if factors is None:
         return RLEKFRankKUpdate(A, False, ())
-    chol, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0:
-        return RLEKFRankKUpdate(A, False, ())
-
-    eye = torch.eye(k, dtype=torch.float64)
-    # M = C^{-T} / sqrt(lam) so that U = K M, U U^T = K A^{-1} K^T / lam
-    m = torch.linalg.solve_triangular(chol, eye, upper=False).mT / math.sqrt(lam)
-    v = torch.linalg.solve_triangular(chol, eps.reshape(k, 1), upper=False) * math.sqrt(lam)
-    beta = 1.0 / lam
     increments: list[Tensor] = []
     for i, (p, g) in enumerate(zip(P, gains, strict=True)):
-        u = g @ m.to(device=g.device, dtype=g.dtype)
-        # alpha = -1 (exact) so that entries (r, c) and (c, r) round alike where the kernel
-        # uses one code path for them (cf. rlekf_update)
-        p.addmm_(u, u.mT, beta=beta, alpha=-1.0)
-        inc = (u @ v.to(device=u.device, dtype=u.dtype)).reshape(-1)
+        inc = rank_k_apply_(p, g, factors, lam)
         if weights is not None:
             weights[i].add_(inc)
         increments.append(inc)
     return RLEKFRankKUpdate(A, True, tuple(increments))
+
+
+def rank_k_gain(p: Tensor, h: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One block's share of a rank-``k`` update: ``K_i = P_i H_i`` and ``H_i^T K_i``.
+
+    Args:
+        p: ``P_i``, shape ``(n_i, n_i)``.
+        h: ``H_i``, shape ``(n_i, k)`` (cast to ``p``'s dtype).
+        out: Optional ``(n_i, k)`` buffer for ``K_i``.
+
+    Returns:
+        ``(K_i, H_i^T K_i, all(isfinite(H_i)))``, the last a 0-d bool tensor on ``p``'s
+        device (no host sync here).
+    """
+    h = h.to(p.dtype)
+    g = torch.mm(p, h) if out is None else torch.mm(p, h, out=out)
+    return g, h.mT @ g, torch.isfinite(h).all()
+
+
+def rank_k_factors(
+    quad: Tensor, h_finite: bool, eps: Tensor, lam: float, n_blocks: int
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The ``k x k`` algebra of a rank-``k`` update, on the host in float64.
+
+    Args:
+        quad: ``sum_i H_i^T P_i H_i``, shape ``(k, k)``, float64 on the CPU.
+        h_finite: Whether every ``H_i`` was finite.
+        eps: The ``k`` errors, float64 on the CPU.
+        lam: Forgetting factor applied once for the ``k`` measurements.
+        n_blocks: ``L``, the number of blocks (measurement noise ``L*lam``).
+
+    Returns:
+        ``(A, factors)`` with the symmetrised innovation matrix
+        ``A = (quad + quad^T)/2 + L*lam*I_k`` and ``factors = (M, v)``,
+        ``M = C^{-T}/sqrt(lam)``, ``v = sqrt(lam) C^{-1} eps`` (``A = C C^T``), or
+        ``factors = None`` when the update must be skipped (non-finite ``H`` or ``A``, or
+        ``A`` not positive definite).
+    """
+    k = eps.numel()
+    A = 0.5 * (quad + quad.mT) + n_blocks * lam * torch.eye(k, dtype=torch.float64)
+    if not (h_finite and bool(torch.isfinite(A).all())):
+        return A, None
+    chol, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        return A, None
+    eye = torch.eye(k, dtype=torch.float64)
+    # M = C^{-T} / sqrt(lam) so that U = K M, U U^T = K A^{-1} K^T / lam
+    m = torch.linalg.solve_triangular(chol, eye, upper=False).mT / math.sqrt(lam)
+    v = torch.linalg.solve_triangular(chol, eps.reshape(k, 1), upper=False) * math.sqrt(lam)
+    return A, (m, v)
+
+
+def rank_k_apply_(p: Tensor, gain: Tensor, factors: tuple[Tensor, Tensor], lam: float) -> Tensor:
+    """Update one block in place, ``P_i <- (P_i - K_i A^{-1} K_i^T) / lam``; return ``dw_i``.
+
+    Args:
+        p: ``P_i``, shape ``(n_i, n_i)``, updated in place.
+        gain: ``K_i = P_i H_i``, shape ``(n_i, k)``.
+        factors: ``(M, v)`` from :func:`rank_k_factors`.
+        lam: The same forgetting factor.
+
+    Returns:
+        The weight increment ``dw_i = K_i A^{-1} eps``, shape ``(n_i,)`` in ``P_i``'s dtype.
+    """
+    m, v = factors
+    u = gain @ m.to(device=gain.device, dtype=gain.dtype)
+    # alpha = -1 (exact) so that entries (r, c) and (c, r) round alike where the kernel
+    # uses one code path for them (cf. rlekf_update)
+    p.addmm_(u, u.mT, beta=1.0 / lam, alpha=-1.0)
+    return (u @ v.to(device=u.device, dtype=u.dtype)).reshape(-1)
 
 
 @torch.no_grad()

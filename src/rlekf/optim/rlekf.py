@@ -525,27 +525,35 @@ class RLEKF(Optimizer):
         rows = self._gradient_rows(grads, k)
         P = self._covariance()
         H = [rows[:, b.offset : b.offset + b.numel].mT for b in self._blocks]
+        res = rlekf_update_rank_k(P, H, eps, self._lam_product(k))
+        self._finish_k(res, P)
+        return res
+
+    def _lam_product(self, k: int) -> float:
+        """``lambda_t * ... * lambda_{t+k-1}``: the factors ``k`` paper updates would use."""
+        lam = float(self._anchor[_LAM])
+        nu = self._group["nu"]
+        return math.prod([lam] + [1.0 - (1.0 - lam) * nu**j for j in range(1, k)])
+
+    def _finish_k(self, res: RLEKFRankKUpdate, P: Sequence[Tensor]) -> None:
+        """Bookkeeping after a rank-k update: weights, counters, lambda, symmetrisation."""
         group = self._group
         anchor = self._anchor
-        lam = float(anchor[_LAM])
-        nu = group["nu"]
-        # lambda_t ... lambda_{t+k-1}: the values k paper updates would have used
-        lams = [lam] + [1.0 - (1.0 - lam) * nu**j for j in range(1, k)]
-        res = rlekf_update_rank_k(P, H, eps, math.prod(lams))
+        k = res.innovation.shape[0]
         anchor[_LAST_A] = float(res.innovation.diagonal().mean())
         if not res.applied:
             anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + k
-            return res
+            return
         self._scatter(res.increments)
+        lam = float(anchor[_LAM])
         before = int(anchor[_N_UPDATES])
         anchor[_N_UPDATES] = n = before + k
-        nu_k = nu**k
+        nu_k = group["nu"] ** k
         anchor[_LAM] = nu_k * lam + 1.0 - nu_k  # = 1 - (1 - lam) nu^k; k = 1: as in step
         every = group["symmetrize_every"]
         if every and n // every > before // every:
             for p_i in P:
                 symmetrize_(p_i)
-        return res
 
     # ------------------------------------------------------------------ logging
     @torch.no_grad()
