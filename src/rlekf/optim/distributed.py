@@ -399,18 +399,21 @@ class ShardedRLEKF(RLEKF):
 
     @torch.no_grad()
     def kalman_stats(self) -> dict[str, Any]:
-        """As :meth:`RLEKF.kalman_stats`, but ``trace``/``min_diag`` cover the own blocks only.
+        """As :meth:`RLEKF.kalman_stats`, over ALL blocks (collective: every rank calls it).
 
-        Extra keys: ``rank``, ``world_size``, ``owned_blocks``.
+        The per-block ``trace``/``min_diag`` of the own blocks are summed into a zero-padded
+        ``(L, 2)`` tensor across the ranks. Extra keys: ``rank``, ``world_size``,
+        ``owned_blocks``.
         """
         P = self._covariance()
-        values = (
-            torch.stack(
-                [torch.stack([p.diagonal().sum(), p.diagonal().min()]).double() for p in P]
-            ).tolist()
-            if P
-            else []
-        )
+        device = self._group["params"][0].device
+        red = torch.zeros(len(self._blocks), 2, dtype=torch.float64, device=device)
+        for i, p in zip(self._owned, P, strict=True):
+            diag = p.diagonal()
+            red[i, 0] = diag.sum()
+            red[i, 1] = diag.min()
+        self._all_reduce_sum(red)
+        values = red.tolist()
         return {
             "lambda": self.lam,
             "n_updates": self.n_updates,

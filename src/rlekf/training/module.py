@@ -13,6 +13,7 @@ Kalman updates.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from rlekf.data import keys as K
 from rlekf.models.deep_potential import DeepPotential
+from rlekf.optim.distributed import ShardedRLEKF
 from rlekf.optim.rlekf import RLEKF
 from rlekf.training.metrics import ForceFieldMetrics
 from rlekf.training.updaters import GradientUpdater, KalmanUpdater
@@ -96,7 +98,26 @@ class ForceFieldModule(L.LightningModule):
             self.train_virial = bool(has and getattr(self.updater, "trains_virial", False))
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.model.parameters())
+        """The optimizer; under data parallelism (world size > 1) RLEKF becomes ShardedRLEKF.
+
+        A plain :class:`~rlekf.optim.RLEKF` on several ranks would update each rank's copy of
+        the weights with its own data and let the replicas drift apart, so an RLEKF factory
+        (``functools.partial(RLEKF, ...)``, what ``optim=rlekf`` gives) is re-targeted to
+        :class:`~rlekf.optim.ShardedRLEKF` with the same keywords: ``P`` is sharded across the
+        ranks and each Kalman update averages the measurement gradient and error over them.
+        """
+        factory = self.optimizer_factory
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and isinstance(factory, functools.partial) and factory.func is RLEKF:
+            factory = functools.partial(ShardedRLEKF, *factory.args, **factory.keywords)
+        opt = factory(self.model.parameters())
+        if world > 1 and isinstance(opt, RLEKF) and not isinstance(opt, ShardedRLEKF):
+            raise TypeError(
+                f"{type(opt).__name__} keeps the whole covariance on every rank and would let "
+                f"the {world} model replicas diverge; use rlekf.optim.ShardedRLEKF for "
+                "multi-process training"
+            )
+        return opt
 
     def on_fit_start(self) -> None:
         opt = self._raw_optimizer()
@@ -107,8 +128,16 @@ class ForceFieldModule(L.LightningModule):
                 f"{opt.block_sizes}; P holds {opt.p_numel:,} entries = {gib:.3f} GiB "
                 f"({opt.p_dtype})"
             )
+            if isinstance(opt, ShardedRLEKF) and opt.world_size > 1:
+                msg += (
+                    f", sharded over {opt.world_size} ranks: rank {opt.rank} holds blocks "
+                    f"{list(opt.owned_blocks)} = {opt.p_bytes_local / 2**30:.3f} GiB"
+                )
             log.info(msg)
-            self.print(msg)
+            if isinstance(opt, ShardedRLEKF) and opt.world_size > 1:
+                print(msg, flush=True)  # every rank: each holds its own shard
+            else:
+                self.print(msg)
         if isinstance(self.updater, GradientUpdater):
             self.updater.configure(int(self.trainer.estimated_stepping_batches))
 
@@ -138,7 +167,7 @@ class ForceFieldModule(L.LightningModule):
                 "kf/skipped", float(raw.n_skipped), on_step=True, on_epoch=False, batch_size=bs
             )
             if self.log_p_every and batch_idx % self.log_p_every == 0:
-                stats = raw.kalman_stats()
+                stats = raw.kalman_stats()  # collective for ShardedRLEKF: all blocks
                 for i, (tr, md) in enumerate(zip(stats["trace"], stats["min_diag"], strict=True)):
                     self.log(
                         f"kf/P{i}_trace", float(tr), on_step=True, on_epoch=False, batch_size=bs
@@ -201,6 +230,18 @@ class ForceFieldModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        opt = self._raw_optimizer()
+        if (
+            isinstance(opt, ShardedRLEKF)
+            and opt.world_size > 1
+            and "optimizer_states" in checkpoint
+        ):
+            # Lightning calls this on every rank and writes rank 0's dict: gather all P
+            # blocks there (collective), so the file holds the whole covariance and resumes
+            # on any number of ranks (each keeps its own blocks) or on one process
+            full = opt.gather_state_dict(dst=0)
+            if full is not None:
+                checkpoint["optimizer_states"] = [full]
         checkpoint["model_config"] = dict(self.model.config)
         checkpoint["updater_state"] = self.updater.state_dict()
         if self._trainer is not None and self.trainer.training:
