@@ -249,6 +249,8 @@ class ForceFieldModule(L.LightningModule):
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
             if 0 < done < self.trainer.num_training_batches:  # saved in the middle of an epoch
                 checkpoint["epoch_position"] = (self.trainer.current_epoch, int(done))
+                # batches are dealt round-robin to the ranks: done * world_size consumed
+                checkpoint["epoch_position_world_size"] = int(self.trainer.world_size)
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "numpy": _numpy_state_to_torch(np.random.get_state()),  # noqa: NPY002 (global state)
@@ -268,6 +270,10 @@ class ForceFieldModule(L.LightningModule):
         position = checkpoint.get("epoch_position")
         if position is None and "epoch" in checkpoint:
             position = (int(checkpoint["epoch"]) + 1, 0)  # saved at an epoch end
+        if position is not None and self._trainer is not None:
+            position = _rescale_position(
+                position, int(checkpoint.get("epoch_position_world_size", 1)), self.trainer
+            )
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if position is not None and dm is not None and hasattr(dm, "resume_position"):
             dm.resume_position = tuple(position)  # the sampler continues from there
@@ -276,6 +282,31 @@ class ForceFieldModule(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             np.random.set_state(_numpy_state_from_torch(rng["numpy"]))  # noqa: NPY002
             random.setstate(rng["python"])
+
+
+def _rescale_position(position: tuple[int, int], saved_world: int, trainer) -> tuple[int, int]:
+    """Batches already trained per rank, for a run resumed on a different number of ranks.
+
+    The grouped sampler deals the epoch's batch order round-robin, so ``done`` batches per rank
+    on ``saved_world`` ranks are the first ``done * saved_world`` batches of that order; on
+    ``world`` ranks each skips ``done * saved_world / world`` of its own. When that does not
+    divide, the few batches of the remainder are trained again (with a warning).
+    """
+    epoch, done = position
+    world = int(trainer.world_size)
+    if done == 0 or world == saved_world:
+        return epoch, done
+    consumed = done * saved_world
+    if consumed % world:
+        log.warning(
+            "resuming a mid-epoch checkpoint of %d rank(s) on %d: %d batch(es) of epoch %d "
+            "are trained twice",
+            saved_world,
+            world,
+            consumed % world,
+            epoch,
+        )
+    return epoch, consumed // world
 
 
 def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
