@@ -11,9 +11,20 @@ Microbenchmark: time per Kalman update for the Cu and water models at several bl
 bytes of P read and written per update (a rank-1 update reads P once for K = P·H and reads and
 writes it once for the in-place rank-1 correction: 24·Σn_i² bytes in float64), and this
 machine's memory bandwidth measured in the same run (a large tensor copy), printed as
-achieved/bound.
+achieved/bound. Next to the rank-1 update it times the opt-in fused rank-k update
+(:meth:`RLEKF.step_k`, ``k`` measurements in one pass over P: the same 3·itemsize·Σn_i² bytes
+per update, so k times fewer per measurement). ``--device cuda`` (``auto``: CUDA when
+available) runs the microbenchmark on the GPU (device-to-device copy as the bound, a
+float32-P row too, peak GPU memory) and the training runs with ``trainer=gpu``.
 
-Results go to ``bench/results/<date>-<machine>.{md,csv}`` and ``...-curves.png``.
+Adam's learning-rate schedule decays over ``trainer.max_epochs``. ``--adam-epochs auto``
+(the default on CUDA) times a short Adam calibration run per data set and gives Adam the number
+of epochs that fits the budget, so that its full schedule runs in the same wall-clock as the
+Kalman runs; ``preset`` (the default on CPU) uses the preset's epochs (tuned on a 2-core CPU).
+
+Results go to ``bench/results/<date>-<tag>-<name>.{md,csv}`` and ``...-curves.png``
+(``--tag``, default: the host name; ``--name``, default: the preset, ``micro`` for
+``--no-train``).
 """
 
 from __future__ import annotations
@@ -35,7 +46,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["PRESETS", "RunResult", "epochs_to_target", "main", "microbench", "summarize"]
+__all__ = [
+    "PRESETS",
+    "RunResult",
+    "adam_epochs_for_budget",
+    "epochs_to_target",
+    "main",
+    "microbench",
+    "parse_adam_epochs",
+    "summarize",
+    "with_max_epochs",
+]
 
 # data presets (configs/data/*.yaml) and the overrides each preset uses
 # Data presets (configs/data/*.yaml) with overrides for all runs ("all") and for Adam only.
@@ -87,6 +108,8 @@ class RunResult:
     peak_rss_mib: float = float("nan")
     wall_s: float = float("nan")
     returncode: int = 0
+    peak_gpu_mib: float = float("nan")
+    max_epochs: int | None = None  # the trainer.max_epochs it ran with (Adam's schedule)
 
 
 def epochs_to_target(values: list[float], times: list[float], target: float):
@@ -106,6 +129,66 @@ def _read_curve(csv_path: Path, result: RunResult) -> None:
             result.elapsed_s.append(float(row["time/elapsed_s"]))
             result.energy_rmse.append(float(row["val/energy_rmse"]))
             result.force_rmse.append(float(row["val/force_rmse"]))
+
+
+def parse_adam_epochs(value: str) -> str | int:
+    """``--adam-epochs``: ``"auto"``, ``"preset"`` or a positive number of epochs."""
+    v = str(value).strip().lower()
+    if v in ("auto", "preset"):
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"--adam-epochs: expected 'auto', 'preset' or a positive integer, got {value!r}"
+        )
+    return n
+
+
+def adam_epochs_for_budget(
+    elapsed_s: list[float], budget_s: float, safety: float = 0.9
+) -> tuple[int, float]:
+    """Adam's ``max_epochs`` for a wall-clock budget, from a calibration run's curve.
+
+    Args:
+        elapsed_s: ``time/elapsed_s`` (since the start of fit) at the end of each epoch of the
+            calibration run (at least two epochs).
+        budget_s: the training budget (Lightning ``max_time``) of the real run.
+        safety: fraction of the time left after the first epoch's extra cost that the
+            epochs may fill, so that the whole schedule ends before ``max_time`` stops it.
+
+    Returns:
+        ``(max_epochs, seconds per epoch)``; the first epoch is left out of the rate (warm-up)
+        and its extra cost over the rate is taken off the budget.
+
+    Raises:
+        ValueError: fewer than two epochs, or a non-increasing clock.
+    """
+    if len(elapsed_s) < 2:
+        raise ValueError(f"need at least two calibration epochs, got {len(elapsed_s)}")
+    s_per_epoch = (elapsed_s[-1] - elapsed_s[0]) / (len(elapsed_s) - 1)
+    if not s_per_epoch > 0:
+        raise ValueError(f"calibration clock does not increase: {elapsed_s}")
+    overhead = max(elapsed_s[0] - s_per_epoch, 0.0)
+    epochs = math.floor(safety * (budget_s - overhead) / s_per_epoch)
+    return max(epochs, 1), s_per_epoch
+
+
+def with_max_epochs(overrides: list[str], epochs: int) -> list[str]:
+    """``overrides`` with every ``trainer.max_epochs=`` replaced by ``epochs``."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("trainer.max_epochs=")]
+    return [*kept, f"trainer.max_epochs={int(epochs)}"]
+
+
+def max_epochs_of(overrides: list[str]) -> int | None:
+    """The last ``trainer.max_epochs=N`` in ``overrides`` (None if there is none)."""
+    found = None
+    for o in overrides:
+        if o.lstrip("+").startswith("trainer.max_epochs="):
+            found = int(o.split("=", 1)[1])
+    return found
 
 
 def _dhms(seconds: int) -> str:
@@ -142,14 +225,25 @@ def run_training(
         "    runpy.run_module('rlekf.train', run_name='__main__')\n"
         "finally:\n"
         "    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "    _t = sys.modules.get('torch')\n"
+        "    if _t is not None and _t.cuda.is_initialized():\n"
+        "        print('PEAK_GPU_MIB', _t.cuda.max_memory_allocated() / 2**20)\n"
     )
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    result = RunResult(dataset, optim, wall_s=time.perf_counter() - t0, returncode=proc.returncode)
+    result = RunResult(
+        dataset,
+        optim,
+        wall_s=time.perf_counter() - t0,
+        returncode=proc.returncode,
+        max_epochs=max_epochs_of(overrides),
+    )
     (out / "bench_stdout.log").write_text(proc.stdout + "\n" + proc.stderr)
     for line in proc.stdout.splitlines():
         if line.startswith("PEAK_RSS_KB"):
             result.peak_rss_mib = int(line.split()[1]) / 1024
+        elif line.startswith("PEAK_GPU_MIB"):
+            result.peak_gpu_mib = float(line.split()[1])
     metrics = out / "csv" / "metrics.csv"
     if metrics.exists():
         _read_curve(metrics, result)
@@ -194,49 +288,126 @@ def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
             row[f"{name}_epochs_run"] = r.epochs[-1]
             row[f"{name}_s_per_epoch"] = r.elapsed_s[-1] / r.epochs[-1]
             row[f"{name}_peak_mib"] = r.peak_rss_mib
+            if not math.isnan(r.peak_gpu_mib):
+                row[f"{name}_peak_gpu_mib"] = r.peak_gpu_mib
+        if adam.max_epochs is not None:
+            row["adam_max_epochs"] = adam.max_epochs
         rows.append(row)
     return rows
 
 
 # ---------------------------------------------------------------------------- microbenchmark
-def measure_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Copy bandwidth in bytes/s (read + write counted) of a large float64 tensor copy."""
-    src = torch.ones(n_bytes // 8, dtype=torch.float64)
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("rlekf-bench: --device cuda, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    """Median wall-clock of ``fn()`` (device work included: synchronized around each call)."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_bandwidth(
+    n_bytes: int | None = None, repeats: int = 5, device: torch.device | str = "cpu"
+) -> float:
+    """Copy bandwidth in bytes/s (read + write counted) of a large float64 tensor copy.
+
+    On CUDA a device-to-device copy (default 2 GiB), synchronized around each repeat; best of
+    ``repeats``.
+    """
+    device = torch.device(device)
+    if n_bytes is None:
+        n_bytes = (2048 if device.type == "cuda" else 512) * 2**20
+    src = torch.ones(n_bytes // 8, dtype=torch.float64, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         times.append(time.perf_counter() - t0)
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return 2 * n_bytes / min(times)
 
 
-def microbench(block_sizes: list[int], repeats: int = 5) -> list[dict[str, Any]]:
-    """Time per RLEKF update (rank-1, the paper's) for the Cu and water default models."""
+def microbench(
+    block_sizes: list[int],
+    repeats: int | None = None,
+    device: torch.device | str = "cpu",
+    k: int = 5,
+    p_dtypes: tuple[str, ...] | None = None,
+) -> list[dict[str, Any]]:
+    """Time per RLEKF update for the Cu and water default models.
+
+    One row per model, block size and P dtype: the rank-1 update (the paper's, columns as
+    before) and, with ``k > 0``, the fused rank-``k`` update (:meth:`RLEKF.step_k`, ``rankk_*``
+    columns; ms per update and per measurement). Both read P for ``K = P·H`` and read and write
+    it once for the correction: ``3·itemsize·Σn²`` bytes per update. On CUDA P, the model and
+    the gradients live on the GPU, every timing is synchronized, and ``peak_gpu_mib`` is the
+    peak allocated GPU memory while the row ran (P, buffers, gradients, temporaries).
+    Periodic symmetrization is off so that no timed update includes it.
+
+    Args:
+        block_sizes: RLEKF ``block_size`` values.
+        repeats: timed updates per row (median); default 5 on the CPU, 20 on CUDA.
+        device: where the model, P and the gradients live.
+        k: measurements per fused update (0: no rank-k timing).
+        p_dtypes: dtypes of P; default ``("float64",)`` on the CPU and
+            ``("float64", "float32")`` on CUDA.
+    """
     from rlekf.models import DeepPotential
     from rlekf.optim import RLEKF
 
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if repeats is None:
+        repeats = 20 if cuda else 5
+    if p_dtypes is None:
+        p_dtypes = ("float64", "float32") if cuda else ("float64",)
     rows = []
-    bandwidth = measure_bandwidth()
+    bandwidth = measure_bandwidth(device=device)
     for name, type_map, sel in (("Cu", ["Cu"], [100]), ("H2O", ["O", "H"], [46, 92])):
-        model = DeepPotential(type_map, sel=sel)
+        model = DeepPotential(type_map, sel=sel).to(device)
+        params = list(model.parameters())
+        n_total = sum(p.numel() for p in params)
         gen = torch.Generator().manual_seed(0)
-        for bs in block_sizes:
-            opt = RLEKF(model.parameters(), block_size=bs)
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3
-            opt.step(error=1e-3)  # allocate P
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                opt.step(error=1e-3)
-                times.append(time.perf_counter() - t0)
-            t = sorted(times)[len(times) // 2]
-            sum_n2 = sum(n * n for n in opt.block_sizes)
-            moved = 3 * 8 * sum_n2  # read P (K = P H) + read & write P (rank-1 update)
-            rows.append(
-                {
+        for p_dtype in p_dtypes:
+            for bs in block_sizes:
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                opt = RLEKF(params, block_size=bs, p_dtype=p_dtype, symmetrize_every=0)
+                for p in params:
+                    g = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3
+                    p.grad = g.to(device)
+                for _ in range(2 if cuda else 1):
+                    opt.step(error=1e-3)  # allocate P (and warm up the kernels)
+                t = _median_time(lambda opt=opt: opt.step(error=1e-3), repeats, device)
+                itemsize = opt.p_dtype.itemsize
+                sum_n2 = sum(n * n for n in opt.block_sizes)
+                # read P (K = P H) + read & write P (rank-1 or rank-k correction)
+                moved = 3 * itemsize * sum_n2
+                row: dict[str, Any] = {
                     "model": name,
                     "block_size": bs,
                     "n_blocks": len(opt.block_sizes),
@@ -246,14 +417,48 @@ def microbench(block_sizes: list[int], repeats: int = 5) -> list[dict[str, Any]]
                     "achieved_gbs": moved / t / 1e9,
                     "bound_gbs": bandwidth / 1e9,
                     "achieved_over_bound": moved / t / bandwidth,
+                    "device": device.type,
+                    "p_dtype": p_dtype,
                 }
-            )
-            del opt
+                if k > 0:
+                    rows_h = (
+                        torch.randn(k, n_total, generator=gen, dtype=params[0].dtype) * 1e-3
+                    ).to(device)
+                    errs = torch.full((k,), 1e-3, dtype=torch.float64, device=device)
+                    for _ in range(2 if cuda else 1):
+                        opt.step_k(errs, rows_h)  # warm-up (workspaces, kernels)
+                    tk = _median_time(
+                        lambda opt=opt, e=errs, h=rows_h: opt.step_k(e, h), repeats, device
+                    )
+                    row.update(
+                        {
+                            "rankk_k": k,
+                            "rankk_ms_per_update": 1e3 * tk,
+                            "rankk_ms_per_measurement": 1e3 * tk / k,
+                            "rankk_achieved_gbs": moved / tk / 1e9,
+                            "rankk_achieved_over_bound": moved / tk / bandwidth,
+                            "rankk_speedup_per_measurement": t * k / tk,
+                        }
+                    )
+                    del rows_h, errs
+                if cuda:
+                    row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+                rows.append(row)
+                print(
+                    f"[bench] micro {name} bs={bs} {p_dtype} {device.type}: "
+                    f"{row['ms_per_update']:.3f} ms/update"
+                    + (f", rank-{k} {row['rankk_ms_per_update']:.3f} ms/update" if k > 0 else ""),
+                    flush=True,
+                )
+                opt.zero_grad(set_to_none=True)
+                del opt
+        del model, params
     return rows
 
 
 # ---------------------------------------------------------------------------- output
-def machine_name() -> str:
+def machine_name(device: torch.device | str | None = None) -> str:
+    """Cores, CPU model, the GPU (named as used when ``device`` is CUDA) and torch."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -262,8 +467,21 @@ def machine_name() -> str:
                 break
     except OSError:
         pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores, {cpu}, {dev}, torch {torch.__version__}"
+    dev_type = torch.device(device).type if device is not None else None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+        if dev_type == "cuda":
+            props = torch.cuda.get_device_properties(0)
+            gpu = (
+                f"GPU {gpu} ({props.total_memory / 2**30:.0f} GiB, "
+                f"{props.multi_processor_count} SMs; used for training and the microbenchmark)"
+            )
+        elif dev_type == "cpu":
+            gpu = f"{gpu} (not used)"
+    else:
+        gpu = "no GPU"
+    cuda = f" (CUDA {torch.version.cuda})" if dev_type == "cuda" and torch.version.cuda else ""
+    return f"{os.cpu_count()} cores, {cpu}, {gpu}, torch {torch.__version__}{cuda}"
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
@@ -274,6 +492,11 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
     return str(x)
 
 
+def _ms(x: float) -> str:
+    """Milliseconds: one decimal from 10 ms on (CPU-scale), else three significant digits."""
+    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def write_report(
     out_dir: Path,
     preset: str,
@@ -281,52 +504,73 @@ def write_report(
     runs: list[RunResult],
     rows: list[dict[str, Any]],
     micro: list[dict[str, Any]],
+    *,
+    tag: str | None = None,
+    device: torch.device | str | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
-    """Markdown + CSV + PNG learning curves; returns the Markdown path."""
+    """Markdown + CSV + PNG learning curves; returns the Markdown path.
+
+    Files: ``<out_dir>/<date>-<tag>-<preset>.md`` (``tag``: default the host name), ``.csv``
+    (summary rows), ``-curves.json`` and ``-curves.png`` (when training ran) and
+    ``-micro.csv`` (when the microbenchmark ran; ``.csv`` when only it ran). ``notes`` are
+    extra lines printed under the training table (e.g. how Adam's epochs were chosen).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.date.today().isoformat()
-    host = platform.node() or "host"
+    host = tag or platform.node() or "host"
     base = out_dir / f"{stamp}-{host}-{preset}"
-    with open(f"{base}.csv", "w", newline="") as fh:
-        keys = sorted({k for r in rows for k in r})
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(f"{base}-micro.csv", "w", newline="") as fh:
-        if micro:
-            writer = csv.DictWriter(fh, fieldnames=list(micro[0]))
+    trained = bool(runs or rows)
+    if trained:
+        with open(f"{base}.csv", "w", newline="") as fh:
+            keys = sorted({k for r in rows for k in r})
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(f"{base}-curves.json", "w") as fh:
+            json.dump([r.__dict__ for r in runs], fh)
+        _plot(runs, Path(f"{base}-curves.png"))
+    if micro:  # microbenchmark only: the table is the report's CSV
+        with open(f"{base}-micro.csv" if trained else f"{base}.csv", "w", newline="") as fh:
+            keys = list(dict.fromkeys(k for m in micro for k in m))
+            writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             writer.writerows(micro)
-    with open(f"{base}-curves.json", "w") as fh:
-        json.dump([r.__dict__ for r in runs], fh)
-    _plot(runs, Path(f"{base}-curves.png"))
     lines = [
         f"# rlekf-bench `{preset}` — {stamp}",
         "",
-        f"Machine: {machine_name()}. Budget {budget} s of training per run (Lightning "
-        "`max_time`), one run per optimizer and data set, same model/data/split/dtype/seed.",
+        f"Machine: {machine_name(device)}.",
         "",
-        f"Target = {TARGET_FACTOR} × the best validation RMSE that Adam or that Kalman mode "
-        "reached (per pair); ratio = Adam / RLEKF (> 1: RLEKF faster; `>=x`: Adam did not "
-        "reach the target in its run, x = what it ran / what RLEKF needed). Wall-clock "
-        "includes validation and checkpoint writes.",
-        "",
-        "| data (Kalman mode) | force: epochs Adam / RLEKF (ratio) | "
-        "force: seconds Adam / RLEKF (ratio) | "
-        "energy: epochs (ratio) | energy: seconds (ratio) | final force RMSE Adam / RLEKF "
-        "(eV/Å) | final energy RMSE Adam / RLEKF (eV/atom) | s/epoch Adam / RLEKF | "
-        "peak MiB Adam / RLEKF |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    gpu_col = any("adam_peak_gpu_mib" in r for r in rows)
+    if trained:
+        lines += [
+            f"Budget {budget} s of training per run (Lightning `max_time`), one run per "
+            "optimizer and data set, same model/data/split/dtype/seed.",
+            "",
+            f"Target = {TARGET_FACTOR} × the best validation RMSE that Adam or that Kalman mode "
+            "reached (per pair); ratio = Adam / RLEKF (> 1: RLEKF faster; `>=x`: Adam did not "
+            "reach the target in its run, x = what it ran / what RLEKF needed). Wall-clock "
+            "includes validation and checkpoint writes.",
+            "",
+            "| data (Kalman mode) | force: epochs Adam / RLEKF (ratio) | "
+            "force: seconds Adam / RLEKF (ratio) | "
+            "energy: epochs (ratio) | energy: seconds (ratio) | final force RMSE Adam / RLEKF "
+            "(eV/Å) | final energy RMSE Adam / RLEKF (eV/atom) | s/epoch Adam / RLEKF | "
+            "peak MiB Adam / RLEKF |" + (" peak GPU MiB Adam / RLEKF |" if gpu_col else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu_col else ""),
+        ]
     for r in rows:
         if "note" in r:
-            lines.append(f"| {r['dataset']} | {r['note']} | | | | | | | |")
+            lines.append(
+                f"| {r['dataset']} | {r['note']} | | | | | | | |" + (" |" if gpu_col else "")
+            )
             continue
         for kal in KALMAN:
             if f"{kal}_final_force" not in r:
                 continue
             p = "" if kal == "rlekf" else f"{kal}_"
-            lines.append(
+            line = (
                 f"| {r['dataset']} ({kal}) "
                 f"| {_fmt(r[f'{p}adam_force_epochs'])} / {_fmt(r[f'{kal}_force_epochs'])} "
                 f"({_fmt(r[f'{p}force_epoch_ratio'])}) "
@@ -342,24 +586,80 @@ def write_report(
                 f"{_fmt(r[f'{kal}_s_per_epoch'], '.1f')} "
                 f"| {_fmt(r['adam_peak_mib'], '.0f')} / {_fmt(r[f'{kal}_peak_mib'], '.0f')} |"
             )
+            if gpu_col:
+                line += (
+                    f" {_fmt(r.get('adam_peak_gpu_mib'), '.0f')} / "
+                    f"{_fmt(r.get(f'{kal}_peak_gpu_mib'), '.0f')} |"
+                )
+            lines.append(line)
+    if trained and notes:
+        lines += ["", *notes]
     if micro:
+        m0 = micro[0]
+        rank_k = any("rankk_ms_per_update" in m for m in micro)
+        gpu = any("peak_gpu_mib" in m for m in micro)
+        extra = "p_dtype" in m0
+        k = next((m["rankk_k"] for m in micro if "rankk_k" in m), None)
+        where = m0.get("device", "cpu")
         lines += [
             "",
-            "Kalman update (rank-1, float64 P), median of repeats; bytes = 24·Σn² "
+            f"Kalman update on {where} (rank-1: the paper's; rank-{k}: the fused "
+            f"`RLEKF.step_k`, {k} measurements in one pass over P), median of repeats, "
+            "synchronized, periodic symmetrization off; bytes = 3·itemsize·Σn² per update "
+            "(24·Σn² in float64: read P for K = P·H, read + write P for the correction; the "
+            "same for rank-1 and rank-k); bound = tensor copy bandwidth measured in the same "
+            "run (read + write counted"
+            + ("; device-to-device copy" if where == "cuda" else "")
+            + "):"
+            if rank_k
+            else "Kalman update (rank-1, float64 P), median of repeats; bytes = 24·Σn² "
             "(read P for K = P·H, read + write P for the rank-1 correction); bound = tensor "
             "copy bandwidth measured in the same run:",
             "",
-            "| model | block size | blocks | P GiB | ms/update | GB moved | achieved GB/s | "
-            "bound GB/s | achieved/bound |",
-            "|---|---|---|---|---|---|---|---|---|",
         ]
+        head = (
+            "| model | block size | blocks | P GiB | ms/update | GB moved | achieved GB/s | "
+            "bound GB/s | achieved/bound |"
+        )
+        sep = "|---|---|---|---|---|---|---|---|---|"
+        if extra:
+            head += " P dtype |"
+            sep += "---|"
+        if rank_k:
+            head += (
+                f" rank-{k} ms/update | rank-{k} ms/measurement | rank-{k} achieved GB/s | "
+                f"rank-{k} achieved/bound | rank-{k} speed-up per measurement |"
+            )
+            sep += "---|---|---|---|---|"
+        if gpu:
+            head += " peak GPU MiB |"
+            sep += "---|"
+        lines += [head, sep]
         for m in micro:
-            lines.append(
+            ms = m["ms_per_update"]
+            line = (
                 f"| {m['model']} | {m['block_size']} | {m['n_blocks']} | {m['p_gib']:.3f} "
-                f"| {m['ms_per_update']:.1f} | {m['gb_moved']:.2f} | {m['achieved_gbs']:.1f} "
+                f"| {_ms(ms)} | {m['gb_moved']:.2f} | {m['achieved_gbs']:.1f} "
                 f"| {m['bound_gbs']:.1f} | {m['achieved_over_bound']:.2f} |"
             )
-    lines += ["", f"Learning curves: `{Path(str(base) + '-curves.png').name}`.", ""]
+            if extra:
+                line += f" {m.get('p_dtype', '')} |"
+            if rank_k:
+                if "rankk_ms_per_update" in m:
+                    line += (
+                        f" {_ms(m['rankk_ms_per_update'])} "
+                        f"| {_ms(m['rankk_ms_per_measurement'])} "
+                        f"| {m['rankk_achieved_gbs']:.1f} | {m['rankk_achieved_over_bound']:.2f} "
+                        f"| {m['rankk_speedup_per_measurement']:.2f} |"
+                    )
+                else:
+                    line += " | | | | |"
+            if gpu:
+                line += f" {_fmt(m.get('peak_gpu_mib'), '.0f')} |"
+            lines.append(line)
+    if trained:
+        lines += ["", f"Learning curves: `{Path(str(base) + '-curves.png').name}`."]
+    lines.append("")
     md = Path(f"{base}.md")
     md.write_text("\n".join(lines))
     return md
@@ -398,27 +698,99 @@ def _plot(runs: list[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
+def calibrate_adam(
+    dataset: str, overrides: list[str], budget_s: int, out: Path, epochs: int = 3
+) -> tuple[int | None, float | None, RunResult]:
+    """Short Adam run (``epochs`` epochs) to time an epoch; returns (max_epochs, s/epoch, run).
+
+    ``(None, None, run)`` when the run logged fewer than two epochs (then keep the preset).
+    """
+    run = run_training(dataset, "adam", with_max_epochs(overrides, epochs), budget_s, out)
+    try:
+        n, s_per_epoch = adam_epochs_for_budget(run.elapsed_s, budget_s)
+    except ValueError:
+        return None, None, run
+    return n, s_per_epoch, run
+
+
+def device_overrides(device: torch.device, extra: list[str]) -> list[str]:
+    """``trainer=gpu`` / ``trainer=cpu`` for the training runs, unless ``extra`` picks one."""
+    if any(o.lstrip("+~").startswith("trainer=") for o in extra):
+        return []
+    return ["trainer=gpu" if device.type == "cuda" else "trainer=cpu"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--budget", type=int, default=None, help="seconds of training per run")
     parser.add_argument("--datasets", nargs="*", default=None, help="subset of the preset's")
+    parser.add_argument("--optims", nargs="*", default=None, choices=OPTIMS, help="subset")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--work", type=Path, default=None, help="run folders (default: tmp)")
     parser.add_argument("--no-train", action="store_true", help="microbenchmark only")
     parser.add_argument("--no-micro", action="store_true", help="training comparison only")
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for all runs")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="microbenchmark device and trainer=cpu/gpu for training (auto: cuda if available)",
+    )
+    parser.add_argument(
+        "--adam-epochs",
+        type=parse_adam_epochs,
+        default=None,
+        help="Adam's max_epochs (its lr schedule length): 'auto' (time a 3-epoch calibration "
+        "run and fit the schedule into the budget), 'preset', or N (default: auto on CUDA, "
+        "preset on the CPU)",
+    )
+    parser.add_argument("--tag", default=None, help="report file tag (default: host name)")
+    parser.add_argument(
+        "--name", default=None, help="last part of the file names (default: preset, or micro)"
+    )
+    parser.add_argument("--rank-k", type=int, default=5, help="k of the fused microbenchmark")
+    parser.add_argument("--micro-repeats", type=int, default=None, help="timed updates per row")
+    parser.add_argument(
+        "--micro-blocks", type=int, nargs="*", default=None, help="block sizes (preset's)"
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     budget = args.budget or preset["budget_s"]
+    device = resolve_device(args.device)
+    adam_mode = args.adam_epochs or ("auto" if device.type == "cuda" else "preset")
     work = args.work or Path(tempfile.mkdtemp(prefix="rlekf-bench-"))
     runs: list[RunResult] = []
+    notes: list[str] = []
     if not args.no_train:
+        dev_over = device_overrides(device, args.extra)
         for ds, over in preset["datasets"].items():
             if args.datasets and ds not in args.datasets:
                 continue
-            for optim in OPTIMS:
-                overrides = [*over.get("all", []), *over.get(optim, []), *args.extra]
+            for optim in args.optims or OPTIMS:
+                overrides = [*dev_over, *over.get("all", []), *over.get(optim, []), *args.extra]
+                if optim == "adam" and adam_mode == "auto":
+                    n, spe, cal = calibrate_adam(ds, overrides, budget, work / ds / "adam_calib")
+                    if n is None:
+                        notes.append(
+                            f"- {ds}: Adam calibration logged {len(cal.epochs)} epoch(s) "
+                            f"(rc={cal.returncode}); kept the preset's epochs "
+                            f"({max_epochs_of(overrides)})."
+                        )
+                    else:
+                        overrides = with_max_epochs(overrides, n)
+                        notes.append(
+                            f"- {ds}: Adam max_epochs = {n} (auto: {spe:.2f} s/epoch in a "
+                            f"{len(cal.epochs)}-epoch calibration, first epoch excluded "
+                            f"({cal.elapsed_s[0]:.1f} s); preset: "
+                            f"{max_epochs_of([*over.get('all', []), *over.get('adam', [])])})."
+                        )
+                    print(f"[bench] {notes[-1]}", flush=True)
+                elif optim == "adam" and isinstance(adam_mode, int):
+                    overrides = with_max_epochs(overrides, adam_mode)
+                    notes.append(f"- {ds}: Adam max_epochs = {adam_mode} (--adam-epochs).")
+                elif optim == "adam":
+                    notes.append(f"- {ds}: Adam max_epochs = {max_epochs_of(overrides)} (preset).")
                 print(f"[bench] {ds} / {optim}: {budget} s {overrides}", flush=True)
                 r = run_training(ds, optim, overrides, budget, work / ds / optim)
                 print(
@@ -426,10 +798,27 @@ def main(argv: list[str] | None = None) -> None:
                     f"{r.force_rmse[-1] if r.force_rmse else 'n/a'}",
                     flush=True,
                 )
+                if optim == "adam" and r.max_epochs and r.epochs and r.epochs[-1] < r.max_epochs:
+                    notes.append(
+                        f"- {ds}: Adam ran {r.epochs[-1]} of its {r.max_epochs} epochs within "
+                        "the budget (its lr schedule did not reach its end)."
+                    )
                 runs.append(r)
-    micro = [] if args.no_micro else microbench(preset["micro_blocks"])
+    micro = (
+        []
+        if args.no_micro
+        else microbench(
+            args.micro_blocks or preset["micro_blocks"],
+            repeats=args.micro_repeats,
+            device=device,
+            k=args.rank_k,
+        )
+    )
     rows = summarize(runs)
-    md = write_report(args.out, args.preset, budget, runs, rows, micro)
+    name = args.name or ("micro" if args.no_train else args.preset)
+    md = write_report(
+        args.out, name, budget, runs, rows, micro, tag=args.tag, device=device, notes=notes
+    )
     print(md.read_text())
     print(f"[bench] wrote {md}")
 

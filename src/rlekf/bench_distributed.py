@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rlekf.bench import machine_name
+
 __all__ = ["largest_model", "main", "shard_bytes"]
 
 _MODELS = {"Cu": (["Cu"], [100]), "H2O": (["O", "H"], [46, 92])}
@@ -172,19 +174,6 @@ def run(model: str, world: int, cfg: dict[str, Any], tmp: Path) -> dict[str, Any
     }
 
 
-def _machine(device: str) -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if device == "cuda" else ""
-    return f"{os.cpu_count()} cores, {cpu}{gpu}, torch {torch.__version__}"
-
-
 def report(rows: list[dict[str, Any]], cfg: dict[str, Any], out_dir: Path, tag: str) -> Path:
     """Write the Markdown and CSV report; returns the Markdown path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +186,7 @@ def report(rows: list[dict[str, Any]], cfg: dict[str, Any], out_dir: Path, tag: 
     lines = [
         f"# rlekf-bench-dist — {stamp}",
         "",
-        f"Machine: {_machine(cfg['device'])}. ShardedRLEKF rank-1 updates on random "
+        f"Machine: {machine_name(cfg['device'])}. ShardedRLEKF rank-1 updates on random "
         f"gradients, block_size {cfg['block_size']}, P in {cfg['p_dtype']}, "
         f"{'NCCL, one GPU per rank' if cfg['device'] == 'cuda' else 'gloo, CPU processes'}"
         f", {cfg['threads']} threads shared by the ranks; median of {cfg['repeats']} updates "
@@ -222,8 +211,8 @@ def report(rows: list[dict[str, Any]], cfg: dict[str, Any], out_dir: Path, tag: 
 def estimate_lines(n_gpus: int = 8, gib: float = 80.0) -> list[str]:
     """The paper estimate of the largest model on ``n_gpus`` x ``gib`` GiB, as Markdown."""
     lines = [
-        f"Paper estimate (`rlekf.bench_distributed.largest_model`): largest parameter count N whose P fits "
-        f"{n_gpus} x {gib:.0f} GiB GPUs, using 85 % of each GPU for the P shard plus "
+        "Paper estimate (`rlekf.bench_distributed.largest_model`): largest parameter count N "
+        f"whose P fits {n_gpus} x {gib:.0f} GiB GPUs, using 85 % of each GPU for the P shard plus "
         "(k + 3) N work numbers (k = 5); 1 GPU for comparison:",
         "",
         "| block size | P dtype | N on 1 GPU | N on 8 GPUs | P per GPU (GiB) |",
