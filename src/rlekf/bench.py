@@ -740,6 +740,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-micro", action="store_true", help="training comparison only")
     parser.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for all runs")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one run per optimizer and seed (model init, split and sampling); with several "
+        "seeds each (data set, seed) pair gets its own row",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -775,43 +783,70 @@ def main(argv: list[str] | None = None) -> None:
         for ds, over in preset["datasets"].items():
             if args.datasets and ds not in args.datasets:
                 continue
-            for optim in args.optims or OPTIMS:
-                overrides = [*dev_over, *over.get("all", []), *over.get(optim, []), *args.extra]
-                if optim == "adam" and adam_mode == "auto":
-                    n, spe, cal = calibrate_adam(ds, overrides, budget, work / ds / "adam_calib")
-                    if n is None:
-                        notes.append(
-                            f"- {ds}: Adam calibration logged {len(cal.epochs)} epoch(s) "
-                            f"(rc={cal.returncode}); kept the preset's epochs "
-                            f"({max_epochs_of(overrides)})."
+            adam_n: int | None = None  # calibrated once per data set
+            for seed in args.seeds:
+                for optim in args.optims or OPTIMS:
+                    overrides = [
+                        *dev_over,
+                        *over.get("all", []),
+                        *over.get(optim, []),
+                        *args.extra,
+                    ]
+                    if optim == "adam" and adam_mode == "auto" and adam_n is not None:
+                        overrides = with_max_epochs(overrides, adam_n)
+                    elif optim == "adam" and adam_mode == "auto":
+                        n, spe, cal = calibrate_adam(
+                            ds, overrides, budget, work / ds / "adam_calib"
                         )
-                    else:
-                        overrides = with_max_epochs(overrides, n)
+                        adam_n = n
+                        if n is None:
+                            notes.append(
+                                f"- {ds}: Adam calibration logged {len(cal.epochs)} epoch(s) "
+                                f"(rc={cal.returncode}); kept the preset's epochs "
+                                f"({max_epochs_of(overrides)})."
+                            )
+                        else:
+                            overrides = with_max_epochs(overrides, n)
+                            notes.append(
+                                f"- {ds}: Adam max_epochs = {n} (auto: {spe:.2f} s/epoch in a "
+                                f"{len(cal.epochs)}-epoch calibration, first epoch excluded "
+                                f"({cal.elapsed_s[0]:.1f} s); preset: "
+                                f"{max_epochs_of([*over.get('all', []), *over.get('adam', [])])})."
+                            )
+                        print(f"[bench] {notes[-1]}", flush=True)
+                    elif optim == "adam" and isinstance(adam_mode, int):
+                        overrides = with_max_epochs(overrides, adam_mode)
+                        if seed == args.seeds[0]:
+                            notes.append(f"- {ds}: Adam max_epochs = {adam_mode} (--adam-epochs).")
+                    elif optim == "adam" and seed == args.seeds[0]:
                         notes.append(
-                            f"- {ds}: Adam max_epochs = {n} (auto: {spe:.2f} s/epoch in a "
-                            f"{len(cal.epochs)}-epoch calibration, first epoch excluded "
-                            f"({cal.elapsed_s[0]:.1f} s); preset: "
-                            f"{max_epochs_of([*over.get('all', []), *over.get('adam', [])])})."
+                            f"- {ds}: Adam max_epochs = {max_epochs_of(overrides)} (preset)."
                         )
-                    print(f"[bench] {notes[-1]}", flush=True)
-                elif optim == "adam" and isinstance(adam_mode, int):
-                    overrides = with_max_epochs(overrides, adam_mode)
-                    notes.append(f"- {ds}: Adam max_epochs = {adam_mode} (--adam-epochs).")
-                elif optim == "adam":
-                    notes.append(f"- {ds}: Adam max_epochs = {max_epochs_of(overrides)} (preset).")
-                print(f"[bench] {ds} / {optim}: {budget} s {overrides}", flush=True)
-                r = run_training(ds, optim, overrides, budget, work / ds / optim)
-                print(
-                    f"[bench]   {len(r.epochs)} epochs, rc={r.returncode}, final force "
-                    f"{r.force_rmse[-1] if r.force_rmse else 'n/a'}",
-                    flush=True,
-                )
-                if optim == "adam" and r.max_epochs and r.epochs and r.epochs[-1] < r.max_epochs:
-                    notes.append(
-                        f"- {ds}: Adam ran {r.epochs[-1]} of its {r.max_epochs} epochs within "
-                        "the budget (its lr schedule did not reach its end)."
+                    print(f"[bench] {ds} / {optim}: {budget} s {overrides}", flush=True)
+                    run_dir = (
+                        work / ds / optim
+                        if len(args.seeds) == 1
+                        else work / ds / f"seed{seed}" / optim
                     )
-                runs.append(r)
+                    r = run_training(ds, optim, overrides, budget, run_dir, seed=seed)
+                    if len(args.seeds) > 1:
+                        r.dataset = f"{ds} seed {seed}"
+                    print(
+                        f"[bench]   {len(r.epochs)} epochs, rc={r.returncode}, final force "
+                        f"{r.force_rmse[-1] if r.force_rmse else 'n/a'}",
+                        flush=True,
+                    )
+                    if (
+                        optim == "adam"
+                        and r.max_epochs
+                        and r.epochs
+                        and r.epochs[-1] < r.max_epochs
+                    ):
+                        notes.append(
+                            f"- {r.dataset}: Adam ran {r.epochs[-1]} of its {r.max_epochs} "
+                            "epochs within the budget (its lr schedule did not reach its end)."
+                        )
+                    runs.append(r)
     micro = (
         []
         if args.no_micro

@@ -188,3 +188,31 @@ def test_tiny_end_to_end_training_run(tmp_path):
     assert r.returncode == 0, (tmp_path / "run" / "bench_stdout.log").read_text()[-2000:]
     assert r.epochs and r.epochs == sorted(r.epochs) and r.peak_rss_mib > 0
     assert r.elapsed_s == sorted(r.elapsed_s)
+
+
+def test_several_seeds_give_one_row_per_data_set_and_seed(tmp_path, monkeypatch):
+    import rlekf.bench as bench
+
+    calls = []
+
+    def fake_run(ds, optim, overrides, budget, out, seed=0):
+        calls.append((ds, optim, seed, tuple(overrides), out))
+        good = 0.5 if optim == "adam" else 0.2 + 0.1 * seed  # seed changes the Kalman result
+        return _run(optim, [1.0, good], [0.1, good / 10], dt=1.0)
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    bench.main(
+        [
+            "--preset", "cu", "--seeds", "0", "1", "--optims", "rlekf", "adam",
+            "--adam-epochs", "7", "--no-micro", "--device", "cpu",
+            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), "--tag", "t",
+        ]
+    )  # fmt: skip
+    assert [(c[1], c[2]) for c in calls] == [("rlekf", 0), ("adam", 0), ("rlekf", 1), ("adam", 1)]
+    assert len({c[4] for c in calls}) == 4  # separate run folders
+    assert all("trainer.max_epochs=7" in c[3] for c in calls if c[1] == "adam")
+    rows = list(csv.DictReader(open(next((tmp_path / "out").glob("*.csv")))))
+    assert [r["dataset"] for r in rows] == ["cu_pwmat seed 0", "cu_pwmat seed 1"]
+    assert [float(r["rlekf_best_force"]) for r in rows] == pytest.approx([0.2, 0.3])
+    md = next((tmp_path / "out").glob("*.md")).read_text()
+    assert md.count("Adam max_epochs = 7") == 1
