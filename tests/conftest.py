@@ -18,6 +18,12 @@ def shared_data_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One folder for the generated data sets (EMT Cu) of the whole session (cached by hash)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = shared_data_dir()
     if path is None:

@@ -164,11 +164,6 @@ class DeviceCheck(L.Callback):
             DeviceCheck.seen.update(f"P:{p.device.type}" for p in opt.covariance)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 @pytest.mark.parametrize("optim", ["rlekf", "rlekf_fused", "adam"])
 def test_short_gpu_fit_and_cpu_checkpoint(optim, tmp_path, data_dir):
     from ase.build import bulk

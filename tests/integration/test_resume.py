@@ -10,11 +10,6 @@ import torch
 from tests.helpers.hydra import FAST_DATA, compose_cfg
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 class StopAfter(L.Callback):
     """Simulate an interruption: stop at the end of epoch ``epoch`` (last.ckpt is written)."""
 

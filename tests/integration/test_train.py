@@ -11,11 +11,6 @@ from rlekf.train import train
 from tests.helpers.hydra import FAST_DATA, compose_cfg
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 @pytest.mark.parametrize("optim", ["rlekf", "gekf", "adam"])
 def test_fast_dev_run(optim, tmp_path, data_dir):
     overrides = [
