@@ -18,7 +18,7 @@ Differences from that implementation:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -30,14 +30,9 @@ from rlekf.optim.functional import (
     rank_k_apply_,
     rank_k_factors,
     rank_k_gain,
-    symmetrize_,
 )
 from rlekf.optim.rlekf import (
     _GIB,
-    _LAM,
-    _LAST_A,
-    _N_SKIPPED,
-    _N_UPDATES,
     _P,
     RLEKF,
     _flat,
@@ -199,47 +194,12 @@ class ShardedRLEKF(RLEKF):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._pg)
 
     # ------------------------------------------------------------------ update
-    @torch.no_grad()
-    def step(  # type: ignore[override]
-        self,
-        error: float | Tensor | None = None,
-        closure: Callable[[], Any] | None = None,
-        *,
-        grads: Any = None,
-    ) -> Any:
-        """One distributed Kalman update (collective: every rank of the group must call it).
-
-        Args:
-            error: This rank's scalar error (averaged over the ranks here), or ``None`` to
-                use the closure's return value; a callable is treated as the closure.
-            closure: As for :meth:`RLEKF.step`.
-            grads: Forwarded with ``error`` (the ``k`` errors) to :meth:`step_k`.
-
-        Returns:
-            The closure's return value when a closure is given, otherwise ``error`` (this
-            rank's, not the average).
-        """
-        if closure is None and callable(error) and not isinstance(error, Tensor):
-            closure, error = error, None
-        result = None
-        if closure is not None:
-            with torch.enable_grad():
-                result = closure()
-        if error is None:
-            if result is None:
-                raise ValueError("ShardedRLEKF.step needs error=... or a closure")
-            error = result
-        if grads is not None:
-            self.step_k(error, grads)
-            return result if closure is not None else error
-        if isinstance(error, Tensor) and error.numel() != 1:
-            raise ValueError(f"RLEKF.step needs a scalar error, got shape {tuple(error.shape)}")
-        ret = result if closure is not None else error
-        eps_local = float(error)
-
-        group = self._group
-        params: list[Tensor] = group["params"]
-        anchor = self._anchor
+    # step() is RLEKF.step (closure, error, grads= -> step_k); it is collective here because
+    # _update and step_k are: every rank of the group must call it. It returns this rank's
+    # error (or closure value), not the average.
+    def _update(self, eps_local: float) -> None:
+        """One distributed rank-1 update (steps 1-4 of the class doc)."""
+        params: list[Tensor] = self._group["params"]
         device = params[0].device
         dtype = self.p_dtype
         n_total = sum(p.numel() for p in params)
@@ -281,14 +241,13 @@ class ShardedRLEKF(RLEKF):
             local_bad = True
         red[n_blocks] = 1.0 if local_bad else 0.0
         self._all_reduce_sum(red)
-        lam = float(anchor[_LAM])
+        lam = self.lam
         # the same expression as functional.innovation: sum of the L quads, then + L*lam
         a_t = red[:n_blocks].sum() + n_blocks * lam
         a, n_bad = torch.stack([a_t, red[n_blocks]]).tolist()
-        anchor[_LAST_A] = a
         if n_bad != 0 or not (math.isfinite(a) and a > 0.0):
-            anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + 1
-            return ret
+            self._finish_1(a, None, P)
+            return
 
         # (3) own P_i update, as in functional.rlekf_update
         beta = 1.0 / lam
@@ -304,16 +263,7 @@ class ShardedRLEKF(RLEKF):
 
         # (4) full increment on every rank (zero padding: the sum is exact)
         self._all_reduce_sum(dw)
-        self._scatter([dw[b.offset : b.offset + b.numel] for b in self._blocks])
-
-        anchor[_N_UPDATES] = n = int(anchor[_N_UPDATES]) + 1
-        nu = group["nu"]
-        anchor[_LAM] = nu * lam + 1.0 - nu
-        every = group["symmetrize_every"]
-        if every and n % every == 0:
-            for p_i in P:
-                symmetrize_(p_i)
-        return ret
+        self._finish_1(a, [dw[b.offset : b.offset + b.numel] for b in self._blocks], P)
 
     @torch.no_grad()
     def step_k(  # type: ignore[override]
@@ -401,31 +351,23 @@ class ShardedRLEKF(RLEKF):
     def kalman_stats(self) -> dict[str, Any]:
         """As :meth:`RLEKF.kalman_stats`, over ALL blocks (collective: every rank calls it).
 
-        The per-block ``trace``/``min_diag`` of the own blocks are summed into a zero-padded
-        ``(L, 2)`` tensor across the ranks. Extra keys: ``rank``, ``world_size``,
-        ``owned_blocks``.
+        Extra keys: ``rank``, ``world_size``, ``owned_blocks``.
         """
-        P = self._covariance()
+        stats = super().kalman_stats()
+        stats.update(rank=self._rank, world_size=self._world, owned_blocks=list(self._owned))
+        return stats
+
+    def _diag_stats(self) -> list[list[float]]:
+        """Trace and min-diagonal of every block: the own blocks' values, summed into a
+        zero-padded ``(L, 2)`` tensor across the ranks (collective)."""
         device = self._group["params"][0].device
         red = torch.zeros(len(self._blocks), 2, dtype=torch.float64, device=device)
-        for i, p in zip(self._owned, P, strict=True):
+        for i, p in zip(self._owned, self._covariance(), strict=True):
             diag = p.diagonal()
             red[i, 0] = diag.sum()
             red[i, 1] = diag.min()
         self._all_reduce_sum(red)
-        values = red.tolist()
-        return {
-            "lambda": self.lam,
-            "n_updates": self.n_updates,
-            "n_skipped": self.n_skipped,
-            "last_innovation": self.last_innovation,
-            "block_sizes": self.block_sizes,
-            "trace": [v[0] for v in values],
-            "min_diag": [v[1] for v in values],
-            "rank": self._rank,
-            "world_size": self._world,
-            "owned_blocks": list(self._owned),
-        }
+        return red.tolist()
 
     # ------------------------------------------------------------------ checkpointing
     def _sharding_meta(self) -> dict[str, Any]:

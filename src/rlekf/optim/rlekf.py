@@ -352,18 +352,21 @@ class RLEKF(Optimizer):
                 result = closure()
         if error is None:
             if result is None:
-                raise ValueError("RLEKF.step needs error=... or a closure returning the error")
+                raise ValueError(
+                    f"{type(self).__name__}.step needs error=... or a closure returning the error"
+                )
             error = result
         if grads is not None:
             self.step_k(error, grads)
             return result if closure is not None else error
         if isinstance(error, Tensor) and error.numel() != 1:
             raise ValueError(f"RLEKF.step needs a scalar error, got shape {tuple(error.shape)}")
-        eps = float(error)
+        self._update(float(error))
+        return result if closure is not None else error
 
-        group = self._group
-        params: list[Tensor] = group["params"]
-        anchor = self._anchor
+    def _update(self, eps: float) -> None:
+        """One rank-1 update with ``H`` from ``.grad`` and the error ``eps``."""
+        params: list[Tensor] = self._group["params"]
         P = self._covariance()
         work = self._buffers(P)
 
@@ -387,15 +390,27 @@ class RLEKF(Optimizer):
                 off += seg.numel
             H.append(h)
 
-        lam = float(anchor[_LAM])
-        res = rlekf_update(None, P, H, eps, lam, out=[k for _, k in work])
-        anchor[_LAST_A] = res.innovation
-        if not res.applied:
+        res = rlekf_update(None, P, H, eps, self.lam, out=[k for _, k in work])
+        self._finish_1(res.innovation, res.increments if res.applied else None, P)
+
+    def _finish_1(
+        self, innovation: float, increments: Sequence[Tensor] | None, P: Sequence[Tensor]
+    ) -> None:
+        """Bookkeeping after a rank-1 update: weights, counters, lambda, symmetrisation.
+
+        Args:
+            innovation: The innovation scalar ``a`` (stored as :attr:`last_innovation`).
+            increments: The per-block weight increments, or ``None`` for a skipped update.
+            P: This optimizer's covariance blocks (symmetrised periodically).
+        """
+        group = self._group
+        anchor = self._anchor
+        anchor[_LAST_A] = innovation
+        if increments is None:
             anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + 1
-            return result if closure is not None else error
-
-        self._scatter(res.increments)
-
+            return
+        self._scatter(increments)
+        lam = float(anchor[_LAM])
         anchor[_N_UPDATES] = n = int(anchor[_N_UPDATES]) + 1
         nu = group["nu"]
         anchor[_LAM] = nu * lam + 1.0 - nu
@@ -403,7 +418,6 @@ class RLEKF(Optimizer):
         if every and n % every == 0:
             for p_i in P:
                 symmetrize_(p_i)
-        return result if closure is not None else error
 
     def _scatter(self, increments: Sequence[Tensor]) -> None:
         """Add the per-block increments to the parameters (cast to their dtype by add_)."""
@@ -565,10 +579,7 @@ class RLEKF(Optimizer):
             "trace", "min_diag"}``; ``trace`` and ``min_diag`` are per-block lists of
             ``tr(P_i)`` and ``min(diag(P_i))``.
         """
-        P = self._covariance()
-        values = torch.stack(
-            [torch.stack([p.diagonal().sum(), p.diagonal().min()]).double() for p in P]
-        ).tolist()
+        values = self._diag_stats()
         return {
             "lambda": self.lam,
             "n_updates": self.n_updates,
@@ -578,6 +589,15 @@ class RLEKF(Optimizer):
             "trace": [v[0] for v in values],
             "min_diag": [v[1] for v in values],
         }
+
+    def _diag_stats(self) -> list[list[float]]:
+        """``[tr(P_i), min(diag(P_i))]`` of every block, in block order."""
+        return torch.stack(
+            [
+                torch.stack([p.diagonal().sum(), p.diagonal().min()]).double()
+                for p in self._covariance()
+            ]
+        ).tolist()
 
     # ------------------------------------------------------------------ checkpointing
     def _saved_anchor(self, state_dict: dict[str, Any]) -> tuple[dict, Any, dict]:
