@@ -9,8 +9,6 @@ checkpoint in memory and has no fsync; with a P of several GiB both matter.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +16,14 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from rlekf.data.io import atomic_write
+
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename + fsync of the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
