@@ -40,3 +40,21 @@ def compose_cfg(
             cfg.paths.data_dir = str(data_dir)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def fit_from_cfg(cfg: DictConfig, seed: int = 0):
+    """Instantiate data, model, task and a bare trainer (no logger, no callbacks) from ``cfg``,
+    set the model's statistics, fit, and return ``(trainer, val force RMSE before, after)``."""
+    import hydra
+    import lightning as L
+
+    L.seed_everything(seed)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    task = hydra.utils.instantiate(cfg.task, model=model)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    datamodule.setup("fit")
+    model.set_statistics(datamodule.stats())
+    before = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/force_rmse"]
+    trainer.fit(task, datamodule=datamodule)
+    return trainer, before, float(trainer.callback_metrics["val/force_rmse"])

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hydra
-import lightning as L
 import pytest
 import torch
 
 from rlekf.train import train
-from tests.helpers.hydra import FAST_DATA, compose_cfg
+from tests.helpers.hydra import FAST_DATA, compose_cfg, fit_from_cfg
 
 
 @pytest.mark.parametrize("optim", ["rlekf", "gekf", "adam"])
@@ -65,14 +63,5 @@ def test_short_rlekf_run_lowers_validation_force_rmse(tmp_path, data_dir):
         "data.batch_size=1",
     ]
     cfg = compose_cfg("train", overrides, tmp_path, data_dir)
-    L.seed_everything(0)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
-    task = hydra.utils.instantiate(cfg.task, model=model)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
-    datamodule.setup("fit")
-    model.set_statistics(datamodule.stats())
-    before = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/force_rmse"]
-    trainer.fit(task, datamodule=datamodule)
-    after = float(trainer.callback_metrics["val/force_rmse"])
+    trainer, before, after = fit_from_cfg(cfg)
     assert after < 0.5 * before, (before, after)

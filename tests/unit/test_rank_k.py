@@ -336,10 +336,7 @@ def test_invalid_mode():
 
 def test_short_fused_training_run_lowers_validation_force_rmse(tmp_path):
     """Mirror of the integration test for paper mode, with ``optim=rlekf_fused``."""
-    import hydra
-    import lightning as L
-
-    from tests.helpers.hydra import FAST_DATA, compose_cfg
+    from tests.helpers.hydra import FAST_DATA, compose_cfg, fit_from_cfg
 
     overrides = [
         "optim=rlekf_fused",
@@ -354,16 +351,7 @@ def test_short_fused_training_run_lowers_validation_force_rmse(tmp_path):
     ]
     cfg = compose_cfg("train", overrides, tmp_path, tmp_path / "data")
     assert cfg.optim.updater.mode == "fused"
-    L.seed_everything(0)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
-    task = hydra.utils.instantiate(cfg.task, model=model)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
-    datamodule.setup("fit")
-    model.set_statistics(datamodule.stats())
-    before = trainer.validate(task, datamodule=datamodule, verbose=False)[0]["val/force_rmse"]
-    trainer.fit(task, datamodule=datamodule)
-    after = float(trainer.callback_metrics["val/force_rmse"])
+    trainer, before, after = fit_from_cfg(cfg)
     opt = trainer.optimizers[0]
     n_batches = trainer.global_step  # one global step per fused batch
     assert opt.n_updates == 5 * n_batches > 0
