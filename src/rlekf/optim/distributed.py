@@ -36,7 +36,6 @@ from rlekf.optim.rlekf import (
     _P,
     RLEKF,
     _flat,
-    _resolve_p_dtype,
 )
 
 __all__ = ["ShardedRLEKF", "assign_blocks"]
@@ -471,28 +470,12 @@ class ShardedRLEKF(RLEKF):
         else:
             own_p = None
             if saved_p is not None:
-                found = [
-                    tuple(t.shape) if t.dim() != 2 or t.shape[0] != t.shape[1] else t.shape[0]
-                    for t in saved_p
-                ]
-                if found != self.block_sizes:
-                    raise ValueError(
-                        "RLEKF state dict block layout does not match: expected block sizes "
-                        f"{self.block_sizes}, found {found}. A single-process RLEKF state "
-                        "dict must hold all blocks (use gather_state_dict on a sharded run)."
-                    )
+                self._check_layout(
+                    saved_p,
+                    "A single-process RLEKF state dict must hold all blocks (use "
+                    "gather_state_dict on a sharded run).",
+                )
                 own_p = [saved_p[i] for i in self._owned]
 
-        stripped_anchor = {k: v for k, v in saved_anchor.items() if k != _P}
-        stripped = {k: v for k, v in state_dict.items() if k != _SHARDING}
-        stripped["state"] = {**saved_state, anchor_id: stripped_anchor}
-        torch.optim.Optimizer.load_state_dict(self, stripped)
-
-        group = self._group
-        group["p_dtype"] = _resolve_p_dtype(group.get("p_dtype", "float64"))
-        self._work = None
-        if own_p is not None:
-            device = group["params"][0].device
-            self._anchor[_P] = [
-                t.detach().to(device=device, dtype=self.p_dtype, copy=True) for t in own_p
-            ]
+        top = {k: v for k, v in state_dict.items() if k != _SHARDING}
+        self._restore(top, saved_state, anchor_id, saved_anchor, own_p)

@@ -639,28 +639,48 @@ class RLEKF(Optimizer):
         saved_state, anchor_id, saved_anchor = self._saved_anchor(state_dict)
         saved_p = saved_anchor.get(_P)
         if saved_p is not None:
-            found = [
-                tuple(t.shape) if t.dim() != 2 or t.shape[0] != t.shape[1] else t.shape[0]
-                for t in saved_p
-            ]
-            if found != self.block_sizes:
-                raise ValueError(
-                    "RLEKF state dict block layout does not match: expected block sizes "
-                    f"{self.block_sizes}, found {found}. Use the same parameters (in the same "
-                    "order) and block_size as the run that saved it."
-                )
-        # Hand the base class a shallow copy without P, so it does not cast P to the
-        # parameters' dtype.
+            self._check_layout(
+                saved_p,
+                "Use the same parameters (in the same order) and block_size as the run that "
+                "saved it.",
+            )
+        self._restore(dict(state_dict), saved_state, anchor_id, saved_anchor, saved_p)
+
+    def _check_layout(self, saved_p: Sequence[Tensor], advice: str) -> None:
+        """Raise ``ValueError`` unless ``saved_p`` are square blocks of :attr:`block_sizes`."""
+        found = [
+            tuple(t.shape) if t.dim() != 2 or t.shape[0] != t.shape[1] else t.shape[0]
+            for t in saved_p
+        ]
+        if found != self.block_sizes:
+            raise ValueError(
+                "RLEKF state dict block layout does not match: expected block sizes "
+                f"{self.block_sizes}, found {found}. {advice}"
+            )
+
+    def _restore(
+        self,
+        top: dict[str, Any],
+        saved_state: dict,
+        anchor_id: Any,
+        saved_anchor: dict,
+        blocks: Sequence[Tensor] | None,
+    ) -> None:
+        """Load ``top`` with the anchor's ``P`` taken out, then set ``P`` to ``blocks``.
+
+        The base class gets a shallow copy without ``P``, so it does not cast ``P`` to the
+        parameters' dtype; ``blocks`` (this optimizer's, in order) are restored in the loaded
+        ``p_dtype`` on the parameters' device. ``blocks=None`` leaves ``P`` unallocated.
+        """
         stripped_anchor = {k: v for k, v in saved_anchor.items() if k != _P}
-        stripped = dict(state_dict)
-        stripped["state"] = {**saved_state, anchor_id: stripped_anchor}
-        super().load_state_dict(stripped)
+        top["state"] = {**saved_state, anchor_id: stripped_anchor}
+        Optimizer.load_state_dict(self, top)
 
         group = self._group
         group["p_dtype"] = _resolve_p_dtype(group.get("p_dtype", "float64"))
         self._work = None
-        if saved_p is not None:
+        if blocks is not None:
             device = group["params"][0].device
             self._anchor[_P] = [
-                t.detach().to(device=device, dtype=self.p_dtype, copy=True) for t in saved_p
+                t.detach().to(device=device, dtype=self.p_dtype, copy=True) for t in blocks
             ]
