@@ -47,7 +47,9 @@ class DPCalculator(Calculator):
     Prefer :meth:`from_checkpoint` or :meth:`from_file`.
 
     Args:
-        model: a :class:`DeepPotential`, or the TorchScript module of an exported file.
+        model: a :class:`DeepPotential`, or the module of an exported file (see
+            :func:`rlekf.export.load_exported`); both are called as ``model(batch, forces,
+            virial)``.
         type_map: element symbols in type order.
         rcut: cutoff (Å).
         sel: neighbour slots per type.
@@ -180,19 +182,16 @@ class DPCalculator(Calculator):
         batch_t = torch.zeros(n, dtype=torch.int64, device=dev)
         nbr_t = torch.as_tensor(nl.neighbors, dtype=torch.int64, device=dev)
         shifts_t = torch.as_tensor(nl.shifts, dtype=dt, device=dev)
-        with torch.enable_grad():
-            if isinstance(self.model, DeepPotential):
-                batch = {
-                    K.POSITIONS: pos_t,
-                    K.CELL: cell_t,
-                    K.TYPES: types_t,
-                    K.BATCH: batch_t,
-                    K.NEIGHBORS: nbr_t,
-                    K.SHIFTS: shifts_t,
-                }
-                out = self.model(batch, forces=True, virial=want_stress)
-            else:
-                out = self.model(pos_t, cell_t, types_t, batch_t, nbr_t, shifts_t, want_stress)
+        batch = {
+            K.POSITIONS: pos_t,
+            K.CELL: cell_t,
+            K.TYPES: types_t,
+            K.BATCH: batch_t,
+            K.NEIGHBORS: nbr_t,
+            K.SHIFTS: shifts_t,
+        }
+        with torch.enable_grad():  # the model, scripted or not, takes the same call
+            out = self.model(batch, forces=True, virial=want_stress)
         energy = float(out[K.ENERGY].detach()[0])
         self.results["energy"] = energy
         self.results["free_energy"] = energy

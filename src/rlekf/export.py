@@ -5,30 +5,37 @@ A Lightning checkpoint written by ``rlekf-train`` holds the weights under ``stat
 ``model_config``; :func:`load_checkpoint` rebuilds the model from those alone, so no Hydra
 config is needed.
 
-:func:`export_model` wraps the model in :class:`ExportedDeepPotential`, a TorchScript-friendly
-re-statement of the same forward pass (same weights, same operations, so float64 results agree
-to round-off), and saves it with :func:`torch.jit.save`. The file loads with plain
-``torch.jit.load`` (no rlekf import needed)::
+:func:`export_model` compiles the model itself with ``torch.jit.script`` (the same
+:meth:`DeepPotential.forward` that training runs) and saves it with :func:`torch.jit.save`,
+with JSON metadata beside it. The file loads with plain ``torch.jit.load`` (no rlekf import
+needed)::
 
     import json, torch
     extra = {"rlekf.json": ""}
     model = torch.jit.load("model.pt", _extra_files=extra)
     meta = json.loads(extra["rlekf.json"])  # type_map, rcut, rcut_smth, sel, format_version
-    out = model(positions, cell, types, batch, neighbors, shifts, True)
+    batch = {"positions": positions, "cell": cell, "types": types, "batch": batch_index,
+             "neighbors": neighbors, "shifts": shifts}
+    out = model(batch, True, True)  # forces, virial
     out["energy"], out["forces"], out["virial"], out["atom_energy"]
 
-Inputs follow :mod:`rlekf.data.keys`: positions (N, 3) Å, cell (B, 3, 3) Å, types (N,) int64,
+Inputs are keyed by :mod:`rlekf.keys`: positions (N, 3) Å, cell (B, 3, 3) Å, types (N,) int64,
 batch (N,) int64, neighbors (N, sum(sel)) int64 (-1 = empty slot, per-type slot layout of
 :func:`rlekf.data.neighbors.slot_neighbors`), shifts (N, sum(sel), 3) integer cell shifts.
-Outputs: energy (B,) eV, forces (N, 3) eV/Å, virial (B, 3, 3) eV (``-stress·volume``; zeros
-unless the last argument is true), atom_energy (N,) eV. Call it with gradients enabled (not
-inside ``torch.no_grad()``): forces are autograd derivatives.
+Outputs: energy (B,) eV, atom_energy (N,) eV, forces (N, 3) eV/Å when the second argument is
+true, virial (B, 3, 3) eV (``-stress·volume``) when the third is. Call it with gradients enabled
+(not inside ``torch.no_grad()``): forces are autograd derivatives.
+
+Files of format version 1 (rlekf before the model itself was scriptable) took the six tensors
+positionally plus a ``virial`` flag; :func:`load_exported` still reads them and presents them
+with the same call as version 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import pickle
@@ -40,13 +47,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rlekf.data import keys as K
 from rlekf.models.deep_potential import DeepPotential
-from rlekf.models.env import environment_matrix, pair_vectors
 
 __all__ = [
     "FORMAT_VERSION",
     "META_FILE",
-    "ExportedDeepPotential",
+    "READABLE_VERSIONS",
     "export_model",
     "load_checkpoint",
     "load_exported",
@@ -54,7 +61,10 @@ __all__ = [
 ]
 
 #: Version of the exported file layout; bump when inputs, outputs or metadata change.
-FORMAT_VERSION: int = 1
+FORMAT_VERSION: int = 2
+
+#: Older format versions :func:`load_exported` still reads.
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 
 #: Name of the JSON metadata stored in the TorchScript archive (``_extra_files``).
 META_FILE: str = "rlekf.json"
@@ -136,120 +146,35 @@ def load_checkpoint(
 
 
 # ------------------------------------------------------------------------------ TorchScript
-class ExportedDeepPotential(nn.Module):
-    """TorchScript-able forward pass of a trained :class:`DeepPotential` (same weights).
+class _FormatV1(nn.Module):
+    """A format-1 export (positional inputs) behind the format-2 call ``module(batch, ...)``.
 
-    Attributes (readable from the loaded TorchScript module): ``type_map`` (list of symbols),
-    ``rcut``/``rcut_smth`` (Å), ``sel`` (list), ``format_version`` (int), ``dtype_name``.
-
-    Args:
-        model: a trained DeepPotential (its sub-modules are shared, not copied).
+    Attributes ``type_map``, ``rcut``, ``rcut_smth`` and ``sel`` are those of the wrapped file.
     """
 
-    def __init__(self, model: DeepPotential) -> None:
+    def __init__(self, module: torch.jit.ScriptModule) -> None:
         super().__init__()
-        self.type_map = list(model.type_map)
-        self.rcut = float(model.rcut)
-        self.rcut_smth = float(model.rcut_smth)
-        self.sel = [int(s) for s in model.sel]
-        self.offsets = [int(o) for o in model._offsets]
-        self.ntypes = len(self.type_map)
-        self.n_slots = int(model.n_slots)
-        self.axis_neuron = int(model.axis_neuron)
-        self.type_one_side = bool(model.type_one_side)
-        self.format_version = FORMAT_VERSION
-        self.dtype_name = str(model.dtype).replace("torch.", "")
-        self.m1 = int(model.config["embedding"][-1])
-        self.embeddings = model.embeddings
-        self.fittings = model.fittings
-        self.register_buffer("env_avg", model.env_avg.detach().clone())
-        self.register_buffer("env_std", model.env_std.detach().clone())
-        self.register_buffer("energy_bias", model.energy_bias.detach().clone())
-
-    def atomic_energy(
-        self,
-        positions: Tensor,
-        cell: Tensor,
-        types: Tensor,
-        batch: Tensor,
-        neighbors: Tensor,
-        shifts: Tensor,
-    ) -> Tensor:
-        """Energy of each atom (N,) eV; mirrors :meth:`DeepPotential.atomic_energy`."""
-        rij, mask = pair_vectors(positions, cell, batch, neighbors, shifts)
-        env = environment_matrix(rij, mask, self.rcut_smth, self.rcut)
-        env = (env - self.env_avg[types].unsqueeze(1)) / self.env_std[types].unsqueeze(1)
-        nt = self.ntypes
-        n = positions.shape[0]
-        acc = positions.new_zeros(n, self.m1, 4)
-        for k, net in enumerate(self.embeddings):
-            # one net per (ti, tj), or per tj shared by every centre type (type_one_side)
-            for ti in range(nt):
-                tj = k if self.type_one_side else k % nt
-                if self.type_one_side or k // nt == ti:
-                    idx = torch.nonzero(types == ti).squeeze(1)
-                    if idx.numel() > 0:
-                        off = self.offsets[tj]
-                        sl = env[idx, off : off + self.sel[tj]]
-                        g = net(sl[:, :, :1])  # (n_t, sel_j, M1)
-                        acc = acc.index_add(0, idx, torch.einsum("nsm,nsk->nmk", g, sl))
-        acc = acc / self.n_slots
-        desc = acc @ acc[:, : self.axis_neuron].transpose(1, 2)  # (N, M1, M2)
-        desc = desc.reshape(n, -1)
-        out = positions.new_zeros(n)
-        for ti, net in enumerate(self.fittings):
-            idx = torch.nonzero(types == ti).squeeze(1)
-            if idx.numel() > 0:
-                out = out.index_copy(0, idx, net(desc[idx]) + self.energy_bias[ti])
-        return out
+        self.module = module
+        self.type_map = list(module.type_map)
+        self.rcut, self.rcut_smth = float(module.rcut), float(module.rcut_smth)
+        self.sel = [int(s) for s in module.sel]
 
     def forward(
         self,
-        positions: Tensor,
-        cell: Tensor,
-        types: Tensor,
-        batch: Tensor,
-        neighbors: Tensor,
-        shifts: Tensor,
+        batch: dict[str, Tensor],
+        forces: bool = True,
         virial: bool = False,
+        create_graph: bool = False,
     ) -> dict[str, Tensor]:
-        """Energies (B,) eV, forces (N, 3) eV/Å, virials (B, 3, 3) eV, atom energies (N,) eV.
-
-        Args:
-            positions: (N, 3) Å.
-            cell: (B, 3, 3) Å, rows are lattice vectors.
-            types: (N,) int64 index into ``type_map``.
-            batch: (N,) int64 frame index of each atom.
-            neighbors: (N, sum(sel)) int64, -1 for empty slots.
-            shifts: (N, sum(sel), 3) integer cell shifts.
-            virial: also compute the virial (zeros otherwise).
-        """
-        pos = positions.to(self.env_avg.dtype).detach().requires_grad_(True)
-        cell = cell.to(self.env_avg.dtype)
-        n_frames = cell.shape[0]
-        strain = torch.zeros(n_frames, 3, 3, dtype=pos.dtype, device=pos.device)
-        if virial:
-            strain.requires_grad_(True)
-        pos_in = pos + torch.einsum("ni,nij->nj", pos, strain[batch])
-        cell_in = cell + cell @ strain
-        e_atom = self.atomic_energy(pos_in, cell_in, types, batch, neighbors, shifts)
-        energy = e_atom.new_zeros(n_frames).index_add(0, batch, e_atom)
-        if virial:
-            grads = torch.autograd.grad([energy.sum()], [pos, strain])
-            g_pos, g_strain = grads[0], grads[1]
-            assert g_pos is not None and g_strain is not None
-            vir = -g_strain
-        else:
-            grads = torch.autograd.grad([energy.sum()], [pos])
-            g_pos = grads[0]
-            assert g_pos is not None
-            vir = torch.zeros_like(strain)
-        return {
-            "energy": energy.detach(),
-            "forces": -g_pos,
-            "virial": vir,
-            "atom_energy": e_atom.detach(),
-        }
+        if create_graph:
+            raise ValueError("a format-1 export cannot keep the graph of its forces")
+        keys = (K.POSITIONS, K.CELL, K.TYPES, K.BATCH, K.NEIGHBORS, K.SHIFTS)
+        out = dict(self.module(*(batch[k] for k in keys), virial))
+        if not forces:
+            out.pop(K.FORCES)
+        if not virial:
+            out.pop(K.VIRIAL)
+        return out
 
 
 def _metadata(model: DeepPotential, config: dict[str, Any], source: str) -> dict[str, Any]:
@@ -289,12 +214,12 @@ def export_model(model: DeepPotential | PathLike, out: PathLike) -> Path:
         model, config = load_checkpoint(model)
     else:
         config = dict(model.config)
-    model = model.to("cpu").eval()
+    model = copy.deepcopy(model).to("cpu").eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(_metadata(model, config, source), indent=1)
     with _quiet_jit():
-        scripted = torch.jit.script(ExportedDeepPotential(model))
+        scripted = torch.jit.script(model)
         torch.jit.save(scripted, str(out), _extra_files={META_FILE: meta})
     return out
 
@@ -317,8 +242,10 @@ def load_exported(
         device: where to put the module.
 
     Returns:
-        The TorchScript module (eval mode) and its metadata (``type_map``, ``rcut``,
-        ``rcut_smth``, ``sel``, ``dtype``, ``format_version``, ``model_config``, ...).
+        The module (eval mode), called as ``module(batch, forces, virial)`` like
+        :class:`DeepPotential` (a format-1 file comes wrapped to take that call), and its
+        metadata (``type_map``, ``rcut``, ``rcut_smth``, ``sel``, ``dtype``,
+        ``format_version``, ``model_config``, ...).
 
     Raises:
         FileNotFoundError: no such file.
@@ -343,13 +270,15 @@ def load_exported(
         )
     meta = json.loads(extra[META_FILE])
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path} was exported in format version {version}, this rlekf reads version "
-            f"{FORMAT_VERSION}; re-export the checkpoint with this rlekf's rlekf-export (or "
-            "load the file with the rlekf version that wrote it)"
+            f"{path} was exported in format version {version}, this rlekf reads versions "
+            f"{list(READABLE_VERSIONS)}; re-export the checkpoint with this rlekf's rlekf-export "
+            "(or load the file with the rlekf version that wrote it)"
         )
     module.eval()
+    if version == 1:
+        return _FormatV1(module).eval(), meta
     return module, meta
 
 

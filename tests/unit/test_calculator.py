@@ -14,7 +14,7 @@ from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_s
 from rlekf.calculator import DPCalculator, UnknownElementError
 from rlekf.data import keys as K
 from rlekf.data.neighbors import NeighborOverflowError
-from rlekf.export import META_FILE, export_model, load_checkpoint, load_exported
+from rlekf.export import FORMAT_VERSION, META_FILE, export_model, load_checkpoint, load_exported
 from rlekf.models import DeepPotential
 from tests.helpers.frames import cu_frame, model_and_batch, water_like_frame
 
@@ -122,11 +122,11 @@ def test_export_equals_model_two_elements(type_one_side, tmp_path):
     path = export_model(model, tmp_path / "water.pt")
     module, meta = load_exported(path)
     assert meta["type_map"] == ["H", "O"] and meta["sel"] == [80, 40]
-    assert module.type_map == ["H", "O"] and module.format_version == meta["format_version"]
+    assert module.type_map == ["H", "O"] and meta["format_version"] == FORMAT_VERSION
+    assert isinstance(module, torch.jit.ScriptModule)  # the model itself, scripted
     ref = model(batch, forces=True, virial=True)
-    args = [batch[k] for k in (K.POSITIONS, K.CELL, K.TYPES, K.BATCH, K.NEIGHBORS, K.SHIFTS)]
-    out = module(*args, True)
-    for key in (K.ENERGY, K.FORCES, K.VIRIAL):
+    out = module(batch, forces=True, virial=True)
+    for key in (K.ENERGY, "atom_energy", K.FORCES, K.VIRIAL):
         torch.testing.assert_close(out[key], ref[key].detach(), atol=1e-10, rtol=0)
     # the ASE calculator gives the same numbers from the file and from the model
     atoms = frames[0].to_atoms()
@@ -145,9 +145,12 @@ def test_exported_file_loads_with_plain_torch(tmp_path):
     extra = {META_FILE: ""}
     module = torch.jit.load(str(path), _extra_files=extra)  # no rlekf involved
     assert json.loads(extra[META_FILE])["rcut"] == model.rcut
-    args = [batch[k] for k in (K.POSITIONS, K.CELL, K.TYPES, K.BATCH, K.NEIGHBORS, K.SHIFTS)]
-    energy = module(*args, False)["energy"]
-    torch.testing.assert_close(energy, model(batch, forces=False)[K.ENERGY], atol=1e-10, rtol=0)
+    inputs = {k: batch[k] for k in ("positions", "cell", "types", "batch", "neighbors", "shifts")}
+    out = module(inputs, True, True)  # as the export module's docstring shows
+    ref = model(batch, forces=True, virial=True)
+    for key in ("energy", "forces", "virial"):
+        torch.testing.assert_close(out[key], ref[key].detach(), atol=1e-10, rtol=0)
+    assert set(module(inputs, False, False)) == {"energy", "atom_energy"}
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path):

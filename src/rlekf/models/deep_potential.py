@@ -11,7 +11,6 @@ Units: Å, eV, eV/Å; virial in eV (DeePMD convention, ``-stress·volume``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -180,7 +179,7 @@ class DeepPotential(nn.Module):
         self.sel = sel
         self.axis_neuron = int(axis_neuron)
         self.type_one_side = bool(type_one_side)
-        self.config: dict[str, Any] = {
+        self.config = {  # plain Python (TorchScript leaves it out)
             "type_map": type_map,
             "rcut": self.rcut,
             "rcut_smth": self.rcut_smth,
@@ -238,9 +237,6 @@ class DeepPotential(nn.Module):
             self.stats_fitted.fill_(True)
 
     # ------------------------------------------------------------------ forward
-    def _embedding(self, ti: int, tj: int) -> nn.Module:
-        return self.embeddings[tj if self.type_one_side else ti * self.ntypes + tj]
-
     def atomic_energy(
         self,
         positions: Tensor,
@@ -257,55 +253,68 @@ class DeepPotential(nn.Module):
         # r >= rcut (s = 0), so an atom crossing the cutoff changes E continuously (as in
         # DeePMD-kit; masking them to zero after the shift would make E jump at rcut).
         env = (env - self.env_avg[types].unsqueeze(1)) / self.env_std[types].unsqueeze(1)
-        nt = self.ntypes
+        nt = len(self.type_map)
         out = positions.new_zeros(positions.shape[0])
-        for ti in range(nt):
-            if nt == 1:
-                idx = None
-                env_t = env
-            else:
+        # loops over the ModuleLists (not indexing them) keep this TorchScript-compilable
+        for ti, fitting in enumerate(self.fittings):
+            idx: Tensor | None = None
+            env_t = env
+            if nt > 1:
                 idx = torch.nonzero(types == ti).squeeze(1)
-                if idx.numel() == 0:
-                    continue
                 env_t = env[idx]
-            acc = None
-            for tj in range(nt):
-                sl = env_t[:, self._offsets[tj] : self._offsets[tj] + self.sel[tj]]
-                g = self._embedding(ti, tj)(sl[..., :1])  # (n_t, sel_j, M1)
-                term = torch.einsum("nsm,nsk->nmk", g, sl)  # (n_t, M1, 4)
-                acc = term if acc is None else acc + term
-            acc = acc / self.n_slots
-            desc = acc @ acc[:, : self.axis_neuron].transpose(1, 2)  # (n_t, M1, M2)
-            e_t = self.fittings[ti](desc.reshape(desc.shape[0], -1)) + self.energy_bias[ti]
-            out = e_t if idx is None else out.index_copy(0, idx, e_t)
+            if env_t.shape[0] > 0:
+                acc: Tensor | None = None
+                for k, net in enumerate(self.embeddings):
+                    # net k serves neighbour type k (type_one_side) or the pair (k // nt, k % nt)
+                    tj = k if self.type_one_side else k % nt
+                    if self.type_one_side or k // nt == ti:
+                        start = self._offsets[tj]
+                        sl = env_t[:, start : start + self.sel[tj]]
+                        g = net(sl[..., :1])  # (n_t, sel_j, M1)
+                        term = torch.einsum("nsm,nsk->nmk", g, sl)  # (n_t, M1, 4)
+                        acc = term if acc is None else acc + term
+                assert acc is not None
+                acc = acc / self.n_slots
+                desc = acc @ acc[:, : self.axis_neuron].transpose(1, 2)  # (n_t, M1, M2)
+                e_t = fitting(desc.reshape(desc.shape[0], -1)) + self.energy_bias[ti]
+                out = e_t if idx is None else out.index_copy(0, idx, e_t)
         return out
 
     def forward(
         self,
-        batch: Mapping[str, Tensor],
-        *,
+        batch: dict[str, Tensor],
         forces: bool = True,
         virial: bool = False,
         create_graph: bool = False,
     ) -> dict[str, Tensor]:
         """Predict energies (B,) eV, forces (N, 3) eV/Å, virials (B, 3, 3) eV.
 
+        The same code runs eagerly and under ``torch.jit.script`` (``rlekf-export``).
+
         Args:
-            batch: a collated batch (see ``rlekf.data.keys``).
+            batch: a collated batch (see ``rlekf.data.keys``): positions, cell, types, batch,
+                neighbors, shifts are read.
             forces: compute forces = −dE/dR by autograd.
             virial: compute the virial = −dE/dε by autograd w.r.t. a cell strain ε.
             create_graph: keep the graph of the derivatives (needed to train on forces).
+
+        Returns:
+            ``energy`` (B,), ``atom_energy`` (N,) and, when asked for, ``forces`` (N, 3) and
+            ``virial`` (B, 3, 3).
         """
         pos = batch[K.POSITIONS].to(self.dtype)
         cell = batch[K.CELL].to(self.dtype)
         idx = batch[K.BATCH]
+        types, neighbors, shifts = batch[K.TYPES], batch[K.NEIGHBORS], batch[K.SHIFTS]
         n_frames = cell.shape[0]
         need = forces or virial
-        inputs = []
-        if need:
-            if not pos.requires_grad:
-                pos = pos.detach().requires_grad_(True)
-            inputs.append(pos)
+        if not need:
+            e_atom = self.atomic_energy(pos, cell, types, idx, neighbors, shifts)
+            energy = e_atom.new_zeros(n_frames).index_add(0, idx, e_atom)
+            return {K.ENERGY: energy, "atom_energy": e_atom}
+        if not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        inputs = [pos]
         pos_in, cell_in = pos, cell
         if virial:
             strain = torch.zeros(n_frames, 3, 3, dtype=self.dtype, device=pos.device)
@@ -313,18 +322,22 @@ class DeepPotential(nn.Module):
             inputs.append(strain)
             pos_in = pos + torch.einsum("ni,nij->nj", pos, strain[idx])
             cell_in = cell + cell @ strain
-        with torch.enable_grad() if need else contextlib.nullcontext():
-            e_atom = self.atomic_energy(
-                pos_in, cell_in, batch[K.TYPES], idx, batch[K.NEIGHBORS], batch[K.SHIFTS]
-            )
-            energy = e_atom.new_zeros(n_frames).index_add(0, idx, e_atom)
+        if torch.jit.is_scripting():  # TorchScript has no enable_grad: call it with grad on
+            e_atom = self.atomic_energy(pos_in, cell_in, types, idx, neighbors, shifts)
+        else:
+            with torch.enable_grad():
+                e_atom = self.atomic_energy(pos_in, cell_in, types, idx, neighbors, shifts)
+        energy = e_atom.new_zeros(n_frames).index_add(0, idx, e_atom)
         out = {K.ENERGY: energy, "atom_energy": e_atom}
-        if need:
-            grads = torch.autograd.grad(
-                energy.sum(), inputs, create_graph=create_graph, retain_graph=create_graph
-            )
-            if forces:
-                out[K.FORCES] = -grads[0]
-            if virial:
-                out[K.VIRIAL] = -grads[-1]
+        grads = torch.autograd.grad(
+            [energy.sum()], inputs, create_graph=create_graph, retain_graph=create_graph
+        )
+        if forces:
+            g_pos = grads[0]
+            assert g_pos is not None
+            out[K.FORCES] = -g_pos
+        if virial:
+            g_strain = grads[-1]
+            assert g_strain is not None
+            out[K.VIRIAL] = -g_strain
         return out
