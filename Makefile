@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 export WANDB_MODE ?= offline
 
-.PHONY: help install train train-adam eval export md sweep report bench bench-dist test test-full lint format clean clean-logs
+.PHONY: help install train train-adam eval export md sweep report bench profile bench-dist test test-full lint format clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ report: $(STAMP) ## tables + plots of the latest run of a sweep: make report SWE
 PRESET ?= quick
 bench: $(STAMP) ## RLEKF vs Adam + Kalman-update microbenchmark: make bench [PRESET=full] [ARGS=...]
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(BIN)/rlekf-bench --preset $(PRESET) $(ARGS)
+
+PROFILE_DATA ?= cu_pwmat
+profile: $(STAMP) ## where a training step's time goes (P update, forward, backward, data) per optimizer: make profile [PROFILE_DATA=cu_emt] [ARGS="--batches 40"]
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(BIN)/rlekf-bench --profile --data $(PROFILE_DATA) $(ARGS)
 
 RANKS ?= 1 2
 bench-dist: $(STAMP) ## sharded RLEKF: memory per rank and time per update vs ranks: make bench-dist [RANKS="1 2 4"] [ARGS="--device cuda"]

@@ -25,6 +25,9 @@ Kalman runs; ``preset`` (the default on CPU) uses the preset's epochs (tuned on 
 Results go to ``bench/results/<date>-<tag>-<name>.{md,csv}`` and ``...-curves.png``
 (``--tag``, default: the host name; ``--name``, default: the preset, ``micro`` for
 ``--no-train``).
+
+``rlekf-bench --profile`` (``make profile``) profiles training steps instead: see
+:mod:`rlekf.profile`.
 """
 
 from __future__ import annotations
@@ -728,7 +731,14 @@ def device_overrides(device: torch.device, extra: list[str]) -> list[str]:
     return ["trainer=gpu" if device.type == "cuda" else "trainer=cpu"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Command line; returns the exit status. ``--profile`` hands over to
+    :func:`rlekf.profile.main` (its own options: ``rlekf-bench --profile --help``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--profile" in argv:
+        from rlekf.profile import main as profile_main
+
+        return profile_main([a for a in argv if a != "--profile"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--budget", type=int, default=None, help="seconds of training per run")
@@ -864,7 +874,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(md.read_text())
     print(f"[bench] wrote {md}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

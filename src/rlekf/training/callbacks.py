@@ -1,15 +1,22 @@
-"""Callbacks: a one-line summary per epoch (wall-clock, metrics, Kalman state)."""
+"""Callbacks: a one-line summary per epoch (wall-clock, metrics, Kalman state), training-time
+accounting, the resume checkpoint, and a per-step profile timer."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["EpochSummary", "LastCheckpoint"]
+from rlekf.data import keys as K
+
+__all__ = ["EpochSummary", "LastCheckpoint", "StepTimer"]
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +104,161 @@ class LastCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+
+
+class StepTimer(L.Callback):
+    """Where the time of training steps goes: optimizer updates, model forward passes, the
+    rest of each step, and the time between steps (data loading, loop and callbacks).
+
+    Non-invasive: it wraps the public ``step``/``step_k`` of each optimizer *instance* and
+    registers forward hooks on ``pl_module.model`` (the whole ``pl_module`` when it has no
+    ``model``) for the duration of the fit, and restores them at its end. A call nested in a
+    timed call (e.g. ``step`` calling ``step_k``) is counted once. On CUDA every timestamp
+    synchronizes the device first.
+
+    The first ``warmup`` training batches are run but not counted; the timed window runs from
+    the end of the last warm-up batch (the start of the epoch when ``warmup == 0``) to the end
+    of the last batch, so ``step_s + between_s == window_s`` for a single epoch.
+
+    Attributes (seconds, over the timed batches):
+        batches / frames: timed batches and the frames they held (``len(batch["n_atoms"])``
+            or 1 per batch for other batch types).
+        step_s: inside ``training_step`` (``on_train_batch_start`` to ``on_train_batch_end``).
+        optimizer_s / optimizer_calls: inside the optimizers' ``step``/``step_k``.
+        forward_s / forward_calls: inside the model's forward (for force fields this includes
+            the force derivative computed in the forward pass).
+        between_s: between the end of one step and the start of the next (data loading).
+        window_s: wall-clock of the timed window, from its own clock.
+    """
+
+    def __init__(self, warmup: int = 0) -> None:
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        self.warmup = int(warmup)
+        self._reset()
+        self._patched: list[tuple[Any, str, Any]] = []
+        self._hooks: list[Any] = []
+        self._cuda = False
+
+    def _reset(self) -> None:
+        self.batches = self.frames = 0
+        self.optimizer_calls = self.forward_calls = 0
+        self.step_s = self.optimizer_s = self.forward_s = self.between_s = 0.0
+        self.window_s = 0.0
+        self._seen = 0
+        self._depth = 0
+        self._fwd_depth = 0
+        self._fwd_t: float | None = None
+        self._window_t0: float | None = None
+        self._last_end: float | None = None
+        self._batch_t: float | None = None
+        self._counting = False
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if self._depth or not self._counting:
+                self._depth += 1
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._depth -= 1
+            self._depth += 1
+            t0 = self._now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.optimizer_s += self._now() - t0
+                self.optimizer_calls += 1
+                self._depth -= 1
+
+        return wrapper
+
+    def _fwd_pre(self, module, args) -> None:
+        self._fwd_depth += 1
+        if self._fwd_depth == 1 and self._counting:
+            self._fwd_t = self._now()
+
+    def _fwd_post(self, module, args, output) -> None:
+        self._fwd_depth -= 1
+        if self._fwd_depth == 0 and self._fwd_t is not None:
+            self.forward_s += self._now() - self._fwd_t
+            self.forward_calls += 1
+            self._fwd_t = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._reset()
+        self._cuda = pl_module.device.type == "cuda"
+        for opt in trainer.optimizers:
+            for name in ("step", "step_k"):
+                fn = getattr(opt, name, None)
+                if callable(fn):
+                    self._patched.append((opt, name, vars(opt).get(name)))
+                    setattr(opt, name, self._timed(fn))
+        model = getattr(pl_module, "model", None)
+        target = model if isinstance(model, torch.nn.Module) else pl_module
+        self._hooks = [
+            target.register_forward_pre_hook(self._fwd_pre),
+            target.register_forward_hook(self._fwd_post),
+        ]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for opt, name, own in self._patched:
+            if own is None:
+                vars(opt).pop(name, None)  # the class's method again
+            else:
+                setattr(opt, name, own)
+        self._patched = []
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._seen >= self.warmup and self._window_t0 is None:
+            self._window_t0 = self._last_end = self._now()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        t = self._now()
+        self._counting = self._seen >= self.warmup
+        if self._counting and self._last_end is not None:
+            self.between_s += t - self._last_end
+        self._batch_t = t
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        t = self._now()
+        if self._counting and self._batch_t is not None:
+            self.step_s += t - self._batch_t
+            self.batches += 1
+            n = batch.get(K.N_ATOMS) if isinstance(batch, dict) else None
+            self.frames += int(len(n)) if n is not None else 1
+            self.window_s = t - self._window_t0 if self._window_t0 is not None else 0.0
+        self._seen += 1
+        self._counting = False
+        if self._seen >= self.warmup:
+            if self._window_t0 is None:
+                self._window_t0 = t
+            self._last_end = t
+
+    def summary(self) -> dict[str, float]:
+        """Seconds per part over the timed batches, with ``total_s = step_s + between_s``."""
+        return {
+            "batches": self.batches,
+            "frames": self.frames,
+            "total_s": self.step_s + self.between_s,
+            "window_s": self.window_s,
+            "step_s": self.step_s,
+            "optimizer_s": self.optimizer_s,
+            "optimizer_calls": self.optimizer_calls,
+            "forward_s": self.forward_s,
+            "forward_calls": self.forward_calls,
+            "rest_of_step_s": self.step_s - self.optimizer_s - self.forward_s,
+            "between_s": self.between_s,
+        }
