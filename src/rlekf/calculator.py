@@ -27,7 +27,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.data import atomic_numbers, chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 from rlekf.data.neighbors import NeighborOverflowError, slot_neighbors
 from rlekf.export import load_checkpoint, load_exported
 from rlekf.models.deep_potential import DeepPotential, resolve_dtype
@@ -195,7 +195,7 @@ class DPCalculator(Calculator):
         energy = float(out[K.ENERGY].detach()[0])
         self.results["energy"] = energy
         self.results["free_energy"] = energy
-        self.results["energies"] = out["atom_energy"].detach().cpu().double().numpy()
+        self.results["energies"] = out[K.ATOM_ENERGY].detach().cpu().double().numpy()
         self.results["forces"] = out[K.FORCES].detach().cpu().double().numpy()
         if want_stress:
             virial = out[K.VIRIAL].detach().cpu().double().numpy()[0]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 from rlekf.data.dataset import AtomsDataset, collate_atoms
 
 __all__ = [

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 from rlekf.models.deep_potential import DeepPotential
 
 __all__ = [

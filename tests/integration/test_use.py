@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from rlekf import keys as K
 from rlekf.calculator import DPCalculator, UnknownElementError
-from rlekf.data import keys as K
 from rlekf.data.dataset import collate_atoms
 from rlekf.eval import evaluate
 from rlekf.evaluation import read_frames_csv

@@ -11,8 +11,8 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 
+from rlekf import keys as K
 from rlekf.calculator import DPCalculator, UnknownElementError
-from rlekf.data import keys as K
 from rlekf.data.neighbors import NeighborOverflowError
 from rlekf.export import FORMAT_VERSION, META_FILE, export_model, load_checkpoint, load_exported
 from rlekf.models import DeepPotential
@@ -126,7 +126,7 @@ def test_export_equals_model_two_elements(type_one_side, tmp_path):
     assert isinstance(module, torch.jit.ScriptModule)  # the model itself, scripted
     ref = model(batch, forces=True, virial=True)
     out = module(batch, forces=True, virial=True)
-    for key in (K.ENERGY, "atom_energy", K.FORCES, K.VIRIAL):
+    for key in (K.ENERGY, K.ATOM_ENERGY, K.FORCES, K.VIRIAL):
         torch.testing.assert_close(out[key], ref[key].detach(), atol=1e-10, rtol=0)
     # the ASE calculator gives the same numbers from the file and from the model
     atoms = frames[0].to_atoms()
@@ -150,7 +150,7 @@ def test_exported_file_loads_with_plain_torch(tmp_path):
     ref = model(batch, forces=True, virial=True)
     for key in ("energy", "forces", "virial"):
         torch.testing.assert_close(out[key], ref[key].detach(), atol=1e-10, rtol=0)
-    assert set(module(inputs, False, False)) == {"energy", "atom_energy"}
+    assert set(module(inputs, False, False)) == {"energy", K.ATOM_ENERGY}
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlekf import keys as K
 from rlekf.calculator import DPCalculator
-from rlekf.data import keys as K
 from rlekf.data.dataset import collate_atoms, frame_to_item
 from rlekf.export import export_model, load_checkpoint, load_exported
 from tests.helpers.frames import water_like_frame
@@ -34,9 +34,9 @@ def test_format_1_file_loads_and_equals_its_recorded_outputs(batch):
     module, meta = load_exported(LEGACY / "water_v1.pt")
     assert meta["format_version"] == 1 and module.type_map == ["H", "O"]
     out = module(batch, forces=True, virial=True)
-    for key in (K.ENERGY, K.FORCES, K.VIRIAL, "atom_energy"):
+    for key in (K.ENERGY, K.FORCES, K.VIRIAL, K.ATOM_ENERGY):
         np.testing.assert_allclose(out[key].detach().numpy(), ref[key], rtol=0, atol=1e-10)
-    assert set(module(batch, forces=False)) == {K.ENERGY, "atom_energy"}
+    assert set(module(batch, forces=False)) == {K.ENERGY, K.ATOM_ENERGY}
 
 
 def test_current_model_export_and_calculators_equal_the_format_1_outputs(batch, tmp_path):
@@ -44,7 +44,7 @@ def test_current_model_export_and_calculators_equal_the_format_1_outputs(batch, 
     model, _ = load_checkpoint(LEGACY / "water_v1.ckpt")
     new = load_exported(export_model(model, tmp_path / "v2.pt"))[0]
     for out in (model(batch, forces=True, virial=True), new(batch, forces=True, virial=True)):
-        for key in (K.ENERGY, K.FORCES, K.VIRIAL, "atom_energy"):
+        for key in (K.ENERGY, K.FORCES, K.VIRIAL, K.ATOM_ENERGY):
             np.testing.assert_allclose(out[key].detach().numpy(), ref[key], rtol=0, atol=1e-10)
     atoms = water_like_frame(0).to_atoms()
     results = []

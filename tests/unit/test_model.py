@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 from rlekf.models import DeepPotential
 from tests.helpers.frames import cu_frame, energy, model_and_batch, water_like_frame
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 from rlekf.data.neighbors import slot_neighbors
 from rlekf.data.readers import DataError, Frame, apply_type_map
 
@@ -59,7 +59,7 @@ def frame_to_item(
         K.NEIGHBORS: torch.as_tensor(nl.neighbors, dtype=torch.int32),
         K.SHIFTS: torch.as_tensor(nl.shifts, dtype=torch.int16),
         K.FRAME_ID: torch.tensor([frame_id], dtype=torch.int64),
-        "_max_count": torch.as_tensor(nl.max_count),
+        K.MAX_COUNT: torch.as_tensor(nl.max_count),
     }
 
 
@@ -93,7 +93,7 @@ class AtomsDataset(Dataset):
         ntypes = len(type_map)
         self.max_neighbors = np.zeros(ntypes, dtype=np.int64)
         for item in self.items:
-            self.max_neighbors = np.maximum(self.max_neighbors, item.pop("_max_count").numpy())
+            self.max_neighbors = np.maximum(self.max_neighbors, item.pop(K.MAX_COUNT).numpy())
 
     def __len__(self) -> int:
         return len(self.items)

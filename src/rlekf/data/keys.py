@@ -1,24 +1,4 @@
-"""Batch keys: every batch is a ``dict[str, Tensor]`` addressed through these constants.
+"""Batch keys (kept for compatibility): the constants live in :mod:`rlekf.keys`."""
 
-Shapes use ``B`` frames, ``N`` atoms in the batch (all frames concatenated) and ``M``
-neighbour slots per atom (``M = sum(sel)``). Units: Å, eV, eV/Å.
-"""
-
-from __future__ import annotations
-
-from typing import Final
-
-POSITIONS: Final[str] = "positions"  # (N, 3) float, Å, Cartesian
-CELL: Final[str] = "cell"  # (B, 3, 3) float, Å, rows are lattice vectors
-PBC: Final[str] = "pbc"  # (B, 3) bool
-NUMBERS: Final[str] = "numbers"  # (N,) int64 atomic numbers
-TYPES: Final[str] = "types"  # (N,) int64 index into the type map
-BATCH: Final[str] = "batch"  # (N,) int64 frame index of each atom
-N_ATOMS: Final[str] = "n_atoms"  # (B,) int64 atoms per frame
-ENERGY: Final[str] = "energy"  # (B,) float, eV, total potential energy of the frame
-FORCES: Final[str] = "forces"  # (N, 3) float, eV/Å
-VIRIAL: Final[str] = "virial"  # (B, 3, 3) float, eV (DeePMD convention: -stress * volume)
-HAS_VIRIAL: Final[str] = "has_virial"  # (B,) bool: virial label present for this frame
-NEIGHBORS: Final[str] = "neighbors"  # (N, M) int64 global atom index, -1 for an empty slot
-SHIFTS: Final[str] = "shifts"  # (N, M, 3) float, integer cell shifts of each neighbour
-FRAME_ID: Final[str] = "frame_id"  # (B,) int64 index of the frame in its data set
+from rlekf.keys import *  # noqa: F403
+from rlekf.keys import __all__  # noqa: F401

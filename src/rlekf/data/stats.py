@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 from rlekf.models.env import environment_matrix, pair_vectors
 
 __all__ = ["energy_bias", "env_statistics"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 from rlekf.models.env import environment_matrix, pair_vectors
 
 __all__ = ["Dense", "EmbeddingNet", "FittingNet", "DeepPotential", "resolve_dtype"]
@@ -311,7 +311,7 @@ class DeepPotential(nn.Module):
         if not need:
             e_atom = self.atomic_energy(pos, cell, types, idx, neighbors, shifts)
             energy = e_atom.new_zeros(n_frames).index_add(0, idx, e_atom)
-            return {K.ENERGY: energy, "atom_energy": e_atom}
+            return {K.ENERGY: energy, K.ATOM_ENERGY: e_atom}
         if not pos.requires_grad:
             pos = pos.detach().requires_grad_(True)
         inputs = [pos]
@@ -328,7 +328,7 @@ class DeepPotential(nn.Module):
             with torch.enable_grad():
                 e_atom = self.atomic_energy(pos_in, cell_in, types, idx, neighbors, shifts)
         energy = e_atom.new_zeros(n_frames).index_add(0, idx, e_atom)
-        out = {K.ENERGY: energy, "atom_energy": e_atom}
+        out = {K.ENERGY: energy, K.ATOM_ENERGY: e_atom}
         grads = torch.autograd.grad(
             [energy.sum()], inputs, create_graph=create_graph, retain_graph=create_graph
         )

@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from rlekf.data.io import atomic_write
+from rlekf.utils.io import atomic_write
 
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
 

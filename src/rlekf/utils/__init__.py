@@ -1,1 +1,3 @@
-"""Glue for the Hydra entry points (the only place besides train/eval that imports Hydra)."""
+"""Helpers shared across the package: atomic file writes (``io``, no third-party imports) and
+the glue for the Hydra entry points (``instantiate``, the only module here that imports Hydra).
+"""
