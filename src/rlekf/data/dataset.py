@@ -31,6 +31,8 @@ def frame_to_item(
 ) -> dict[str, torch.Tensor]:
     """Convert one :class:`Frame` into a single-frame item with its neighbour list.
 
+    Positions and cell are in ``dtype``; energy, force and virial labels are always float64.
+
     Raises:
         DataError: element not in the type map, or more neighbours than ``sel`` allows.
     """
@@ -52,9 +54,9 @@ def frame_to_item(
         K.NUMBERS: torch.as_tensor(frame.numbers, dtype=torch.int64),
         K.TYPES: torch.as_tensor(types, dtype=torch.int64),
         K.N_ATOMS: torch.tensor([n], dtype=torch.int64),
-        K.ENERGY: torch.tensor([float(frame.energy)], dtype=dtype),
-        K.FORCES: torch.as_tensor(frame.forces, dtype=dtype),
-        K.VIRIAL: torch.as_tensor(virial, dtype=dtype).reshape(1, 3, 3),
+        K.ENERGY: torch.tensor([float(frame.energy)], dtype=torch.float64),
+        K.FORCES: torch.as_tensor(frame.forces, dtype=torch.float64),
+        K.VIRIAL: torch.as_tensor(virial, dtype=torch.float64).reshape(1, 3, 3),
         K.HAS_VIRIAL: torch.tensor([has_virial]),
         K.NEIGHBORS: torch.as_tensor(nl.neighbors, dtype=torch.int32),
         K.SHIFTS: torch.as_tensor(nl.shifts, dtype=torch.int16),
@@ -72,7 +74,8 @@ class AtomsDataset(Dataset):
         rcut: cutoff (Å) of the model.
         sel: neighbour slots per type of the model.
         frame_ids: global ids stored in each item (default ``range(len(frames))``).
-        dtype: float dtype of positions and labels.
+        dtype: float dtype of positions and cells; energy, force and virial labels are float64
+            whatever this is (a float32 label of −357,700 eV is 0.03 eV coarse).
     """
 
     def __init__(

@@ -57,6 +57,8 @@ class Dense(nn.Module):
         self.activation = activation
         self.resnet = resnet and (n_out == n_in or n_out == 2 * n_in)
         self.weight = nn.Parameter(torch.empty(n_in, n_out, dtype=dtype))
+        # stored (in, out): RLEKF's output-major block order reads this (rlekf.optim.rlekf)
+        self.weight.rlekf_output_dim = 1
         self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype))
         if timestep and self.resnet:
             self.timestep = nn.Parameter(torch.empty(n_out, dtype=dtype))
@@ -214,7 +216,8 @@ class DeepPotential(nn.Module):
                 torch.random.set_rng_state(generator_state)
         self.register_buffer("env_avg", torch.zeros(nt, 4, dtype=self.dtype))
         self.register_buffer("env_std", torch.ones(nt, 4, dtype=self.dtype))
-        self.register_buffer("energy_bias", torch.zeros(nt, dtype=self.dtype))
+        # float64 whatever the model dtype: -4968 eV/atom in float32 is 0.0005 eV coarse
+        self.register_buffer("energy_bias", torch.zeros(nt, dtype=torch.float64))
         self.register_buffer("stats_fitted", torch.tensor(False))
 
     # ------------------------------------------------------------------ statistics
@@ -226,12 +229,14 @@ class DeepPotential(nn.Module):
         """Store descriptor normalisation and per-element energy bias (from the training set).
 
         Args:
-            stats: ``env_avg`` (ntypes, 4), ``env_std`` (ntypes, 4), ``energy_bias`` (ntypes,) eV.
+            stats: ``env_avg`` (ntypes, 4), ``env_std`` (ntypes, 4), ``energy_bias`` (ntypes,) eV
+                (kept in float64 whatever the model dtype).
         """
         with torch.no_grad():
             for name in ("env_avg", "env_std", "energy_bias"):
-                value = torch.as_tensor(stats[name], dtype=self.dtype)
-                getattr(self, name).copy_(value.reshape(getattr(self, name).shape))
+                buffer = getattr(self, name)
+                value = torch.as_tensor(stats[name], dtype=buffer.dtype)
+                buffer.copy_(value.reshape(buffer.shape))
             if not torch.all(self.env_std > 0):
                 raise ValueError(f"env_std must be positive, got {self.env_std.tolist()}")
             self.stats_fitted.fill_(True)
@@ -246,7 +251,12 @@ class DeepPotential(nn.Module):
         neighbors: Tensor,
         shifts: Tensor,
     ) -> Tensor:
-        """Energy of each atom (N,) in eV."""
+        """Energy of each atom (N,) in eV, float64 whatever the model dtype.
+
+        The network runs in the model dtype; its output is promoted to float64 before the
+        per-element bias is added, so atom and frame energies of large absolute value (PWmat Cu:
+        −4968 eV/atom) keep float64 resolution in a float32 model.
+        """
         rij, mask = pair_vectors(positions, cell, batch, neighbors, shifts)
         env = environment_matrix(rij, mask, self.rcut_smth, self.rcut)
         # Empty slots hold the zero row before normalisation, exactly like a neighbour at
@@ -254,7 +264,7 @@ class DeepPotential(nn.Module):
         # DeePMD-kit; masking them to zero after the shift would make E jump at rcut).
         env = (env - self.env_avg[types].unsqueeze(1)) / self.env_std[types].unsqueeze(1)
         nt = len(self.type_map)
-        out = positions.new_zeros(positions.shape[0])
+        out = positions.new_zeros(positions.shape[0], dtype=torch.float64)
         # loops over the ModuleLists (not indexing them) keep this TorchScript-compilable
         for ti, fitting in enumerate(self.fittings):
             idx: Tensor | None = None
@@ -276,7 +286,8 @@ class DeepPotential(nn.Module):
                 assert acc is not None
                 acc = acc / self.n_slots
                 desc = acc @ acc[:, : self.axis_neuron].transpose(1, 2)  # (n_t, M1, M2)
-                e_t = fitting(desc.reshape(desc.shape[0], -1)) + self.energy_bias[ti]
+                e_net = fitting(desc.reshape(desc.shape[0], -1)).to(torch.float64)
+                e_t = e_net + self.energy_bias[ti].to(torch.float64)
                 out = e_t if idx is None else out.index_copy(0, idx, e_t)
         return out
 
@@ -288,6 +299,8 @@ class DeepPotential(nn.Module):
         create_graph: bool = False,
     ) -> dict[str, Tensor]:
         """Predict energies (B,) eV, forces (N, 3) eV/Å, virials (B, 3, 3) eV.
+
+        Energies (frame and atom) are float64; forces and virials are in the model dtype.
 
         The same code runs eagerly and under ``torch.jit.script`` (``rlekf-export``).
 

@@ -133,7 +133,7 @@ class KalmanUpdater:
         """``(eps, scalar)`` of the energy measurement: backward ``scalar`` to get ``H``."""
         bs = e_pred.shape[0]
         p = self.energy_prefactor
-        err = (batch[K.ENERGY].to(e_pred.dtype) - e_pred.detach()) / n
+        err = (batch[K.ENERGY].to(torch.float64) - e_pred.detach().to(torch.float64)) / n
         eps = math.sqrt(bs) * torch.mean(torch.abs(p * err))
         return eps, torch.sum(torch.sign(err) * p * e_pred) / n
 
@@ -310,8 +310,8 @@ class GradientUpdater:
     def loss(
         self, out: Mapping[str, Tensor], batch: Mapping[str, Tensor], lr: float, virial: bool
     ) -> Tensor:
-        n = batch[K.N_ATOMS].to(out[K.ENERGY].dtype)
-        de = out[K.ENERGY] - batch[K.ENERGY].to(out[K.ENERGY].dtype)
+        n = batch[K.N_ATOMS].to(torch.float64)
+        de = out[K.ENERGY].to(torch.float64) - batch[K.ENERGY].to(torch.float64)
         loss = self.prefactor("e", lr) * torch.mean(de**2 / n)
         df = out[K.FORCES] - batch[K.FORCES].to(out[K.FORCES].dtype)
         loss = loss + self.prefactor("f", lr) * torch.mean(df**2)
