@@ -1,11 +1,15 @@
 """``rlekf-bench``: RLEKF vs Adam side by side, and the Kalman-update microbenchmark.
 
-Training comparison: for each data set, ``rlekf-train`` runs once per optimizer (same model,
-data, split, dtype and seed; only ``optim=`` differs) in a subprocess under the same wall-clock
-budget, with the CSV logger. From the per-epoch validation metrics it reports, per data set, the
-epochs and wall-clock each optimizer needs to reach 1.2 × the best validation force (and
-energy) RMSE that either reached — the paper's criterion — the two ratios, final RMSEs and the
-peak resident memory of each run.
+Training comparison: for each data set and seed (default 0, 1, 2), ``rlekf-train`` runs once
+per optimizer (same model, data, split — so the same validation frames —, dtype and seed; only
+``optim=`` differs) in a subprocess under the same wall-clock budget, with the CSV logger. The
+curves are read and accounted by :mod:`rlekf.runs` (shared with ``rlekf-report``): per data set
+and Kalman mode against Adam, the training epochs and training seconds (validation and
+checkpoint writes outside the clock; a truncated last epoch counts as the fraction it ran)
+each optimizer needs until its validation force (and energy) RMSE stays below 1.2 × the best
+that either reached (first crossing as a secondary column), mean ± std over seeds, the ratios
+of the means with their spread (bounds both ways when one optimizer misses the target), final
+RMSEs, seconds per whole epoch and the peak resident memory of each run.
 
 Microbenchmark: time per Kalman update for the Cu and water models at several block sizes, the
 bytes of P read and written per update (a rank-1 update reads P once for K = P·H and reads and
@@ -18,9 +22,10 @@ available) runs the microbenchmark on the GPU (device-to-device copy as the boun
 float32-P row too, peak GPU memory) and the training runs with ``trainer=gpu``.
 
 Adam's learning-rate schedule decays over ``trainer.max_epochs``. ``--adam-epochs auto``
-(the default on CUDA) times a short Adam calibration run per data set and gives Adam the number
-of epochs that fits the budget, so that its full schedule runs in the same wall-clock as the
-Kalman runs; ``preset`` (the default on CPU) uses the preset's epochs (tuned on a 2-core CPU).
+(the default) times a short Adam calibration run per data set and gives Adam the number of
+epochs that fits the budget, so that its full schedule runs in the same wall-clock as the
+Kalman runs; the report gives each run's plan error (epochs run / planned − 1). ``preset``
+uses the preset's epochs (tuned on a 2-core CPU).
 
 Results go to ``bench/results/<date>-<tag>-<name>.{md,csv}`` and ``...-curves.png``
 (``--tag``, default: the host name; ``--name``, default: the preset, ``micro`` for
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -49,11 +55,23 @@ from typing import Any
 
 import torch
 
+from rlekf.runs import (
+    CRITERIA,
+    Ratio,
+    ValPoint,
+    best,
+    mean_std,
+    ratio_of_means,
+    reach,
+    read_metrics_csv,
+    s_per_epoch,
+)
+
 __all__ = [
     "PRESETS",
     "RunResult",
     "adam_epochs_for_budget",
-    "epochs_to_target",
+    "calibration_error",
     "main",
     "microbench",
     "parse_adam_epochs",
@@ -108,38 +126,137 @@ TARGET_FACTOR = 1.2
 
 @dataclass
 class RunResult:
-    """Per-epoch validation curve of one training run."""
+    """The validation curve of one training run (points read by :mod:`rlekf.runs`)."""
 
     dataset: str
     optim: str
-    epochs: list[int] = field(default_factory=list)
-    elapsed_s: list[float] = field(default_factory=list)
-    energy_rmse: list[float] = field(default_factory=list)
-    force_rmse: list[float] = field(default_factory=list)
+    curve: list[ValPoint] = field(default_factory=list)
+    seed: int = 0
     peak_rss_mib: float = float("nan")
     wall_s: float = float("nan")
     returncode: int = 0
     peak_gpu_mib: float = float("nan")
     max_epochs: int | None = None  # the trainer.max_epochs it ran with (Adam's schedule)
 
+    @property
+    def epochs(self) -> list[float]:
+        """Training epochs done at each validation (fractional for a truncated epoch)."""
+        return [p.epochs for p in self.curve]
 
-def epochs_to_target(values: list[float], times: list[float], target: float):
-    """(epochs, seconds) until ``values`` first reaches ``target`` (None if never)."""
-    for k, (v, t) in enumerate(zip(values, times, strict=True)):
-        if v <= target:
-            return k + 1, t
-    return None, None
+    @property
+    def elapsed_s(self) -> list[float]:
+        """Wall-clock since the start of fit at each validation (everything included)."""
+        return [p.time_s for p in self.curve]
+
+    @property
+    def train_s(self) -> list[float]:
+        """Training seconds at each validation (validation and checkpoints excluded)."""
+        return [p.train_time for p in self.curve]
+
+    @property
+    def force_rmse(self) -> list[float]:
+        return [p.force_rmse for p in self.curve]
+
+    @property
+    def energy_rmse(self) -> list[float]:
+        return [p.energy_rmse for p in self.curve]
 
 
-def _read_curve(csv_path: Path, result: RunResult) -> None:
-    with open(csv_path) as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        if row.get("val/force_rmse") and row.get("time/elapsed_s"):
-            result.epochs.append(int(float(row["epoch"])) + 1)
-            result.elapsed_s.append(float(row["time/elapsed_s"]))
-            result.energy_rmse.append(float(row["val/energy_rmse"]))
-            result.force_rmse.append(float(row["val/force_rmse"]))
+def _pair_side(runs: list[RunResult], quantity: str, target: float, criterion: str):
+    """Per seed: (epochs to target or None, epochs run, seconds to target or None, seconds run)."""
+    out = []
+    for r in runs:
+        hit = reach(r.curve, quantity, target, criterion)
+        last = r.curve[-1]
+        out.append(
+            (
+                hit.epochs if hit else None,
+                last.epochs,
+                hit.train_time if hit else None,
+                last.train_time,
+            )
+        )
+    return out
+
+
+def _side_stats(side, index: int) -> tuple[float, float, int]:
+    return mean_std([v[index] for v in side if v[index] is not None])
+
+
+def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """One row per data set and Kalman mode against Adam, over the seeds both ran.
+
+    Per quantity (force, energy): the target (:data:`TARGET_FACTOR` × the best validation RMSE
+    that either optimizer of the pair reached in any seed), then per criterion (``stay``: the
+    RMSE stays below the target to the end, the primary one; ``first``: first crossing) the
+    mean ± std over seeds of the training epochs and training seconds each needed (``_n``: the
+    seeds that reached it) and the Adam / Kalman ratios of the means
+    (:func:`rlekf.runs.ratio_of_means`: bounds when one optimizer missed). Also final RMSEs,
+    training seconds per whole epoch, epochs run and peak memory (means over seeds).
+    """
+    rows = []
+    for ds in dict.fromkeys(r.dataset for r in runs):
+        ok = [r for r in runs if r.dataset == ds and r.curve]
+        by: dict[str, dict[int, RunResult]] = {}
+        for r in ok:
+            by.setdefault(r.optim, {})[r.seed] = r
+        kalmans = [k for k in KALMAN if k in by]
+        if "adam" not in by or not kalmans:
+            rows.append({"dataset": ds, "note": "a run failed or logged no epoch"})
+            continue
+        for kal in kalmans:
+            seeds = sorted(set(by["adam"]) & set(by[kal]))
+            if not seeds:
+                rows.append({"dataset": ds, "kalman": kal, "note": "no seed ran both"})
+                continue
+            adam = [by["adam"][s] for s in seeds]
+            kalr = [by[kal][s] for s in seeds]
+            row: dict[str, Any] = {"dataset": ds, "kalman": kal, "seeds": len(seeds)}
+            row["clock"] = "train" if all(r.curve[-1].clock == "train" for r in ok) else "wall"
+            for q in ("force", "energy"):
+                target = TARGET_FACTOR * best([r.curve for r in (*adam, *kalr)], q)
+                row[f"{q}_target"] = target
+                for crit in CRITERIA:
+                    a_side = _pair_side(adam, q, target, crit)
+                    k_side = _pair_side(kalr, q, target, crit)
+                    for who, side in (("adam", a_side), ("kal", k_side)):
+                        for what, i in (("epochs", 0), ("s", 2)):
+                            m, sd, n = _side_stats(side, i)
+                            key = f"{q}_{crit}_{who}_{what}"
+                            row[key], row[f"{key}_std"], row[f"{key}_n"] = m, sd, n
+                        row[f"{q}_{crit}_{who}_epochs_run"] = mean_std([v[1] for v in side])[0]
+                    for what, i, j in (("epoch", 0, 1), ("time", 2, 3)):
+                        ratio = ratio_of_means(
+                            [v[i] for v in a_side],
+                            [v[j] for v in a_side],
+                            [v[i] for v in k_side],
+                            [v[j] for v in k_side],
+                        )
+                        row[f"{q}_{crit}_{what}_ratio"] = ratio
+            for who, rs in (("adam", adam), ("kal", kalr)):
+                for key, values in (
+                    ("final_force", [r.curve[-1].force_rmse for r in rs]),
+                    ("final_energy", [r.curve[-1].energy_rmse for r in rs]),
+                    ("best_force", [min(r.force_rmse) for r in rs]),
+                    ("epochs_run", [r.curve[-1].epochs for r in rs]),
+                    ("train_s", [r.curve[-1].train_time for r in rs]),
+                    ("s_per_epoch", [s_per_epoch(r.curve) for r in rs]),
+                    ("peak_mib", [r.peak_rss_mib for r in rs]),
+                    ("peak_gpu_mib", [r.peak_gpu_mib for r in rs]),
+                ):
+                    m, sd, _ = mean_std(values)
+                    row[f"{who}_{key}"], row[f"{who}_{key}_std"] = m, sd
+            planned = {r.max_epochs for r in adam if r.max_epochs is not None}
+            if planned:
+                row["adam_max_epochs"] = max(planned)
+            rows.append(row)
+    return rows
+
+
+def calibration_error(planned: int, ran: float) -> float:
+    """Relative error of Adam's epoch plan: ``ran / planned - 1`` (negative: the budget cut
+    its schedule short)."""
+    return ran / planned - 1.0
 
 
 def parse_adam_epochs(value: str) -> str | int:
@@ -245,6 +362,7 @@ def run_training(
     result = RunResult(
         dataset,
         optim,
+        seed=seed,
         wall_s=time.perf_counter() - t0,
         returncode=proc.returncode,
         max_epochs=max_epochs_of(overrides),
@@ -257,54 +375,8 @@ def run_training(
             result.peak_gpu_mib = float(line.split()[1])
     metrics = out / "csv" / "metrics.csv"
     if metrics.exists():
-        _read_curve(metrics, result)
+        result.curve = read_metrics_csv(metrics)[0]
     return result
-
-
-def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per data set: epochs/time to 1.2 × best (force and energy), ratios, finals."""
-    rows = []
-    for ds in dict.fromkeys(r.dataset for r in runs):
-        by = {r.optim: r for r in runs if r.dataset == ds and r.force_rmse}
-        if "adam" not in by or not set(by) & set(KALMAN):
-            rows.append({"dataset": ds, "note": "a run failed or logged no epoch"})
-            continue
-        row: dict[str, Any] = {"dataset": ds}
-        adam = by["adam"]
-        for kal in (k for k in KALMAN if k in by):
-            prefix = "" if kal == "rlekf" else f"{kal}_"
-            for q in ("force", "energy"):
-                # the paper's criterion, per pair: 1.2 x the best RMSE either of the two reached
-                best = min(min(getattr(r, f"{q}_rmse")) for r in (adam, by[kal]))
-                target = TARGET_FACTOR * best
-                row[f"{prefix}{q}_target"] = target
-                a_ep, a_t = epochs_to_target(getattr(adam, f"{q}_rmse"), adam.elapsed_s, target)
-                k_ep, k_t = epochs_to_target(
-                    getattr(by[kal], f"{q}_rmse"), by[kal].elapsed_s, target
-                )
-                row[f"{prefix}adam_{q}_epochs"], row[f"{prefix}adam_{q}_s"] = a_ep, a_t
-                row[f"{kal}_{q}_epochs"], row[f"{kal}_{q}_s"] = k_ep, k_t
-                if a_ep and k_ep:
-                    row[f"{prefix}{q}_epoch_ratio"] = a_ep / k_ep
-                    row[f"{prefix}{q}_time_ratio"] = a_t / k_t
-                elif k_ep:  # Adam never got there: a lower bound from what it ran
-                    row[f"{prefix}{q}_epoch_ratio"] = f">={adam.epochs[-1] / k_ep:.3g}"
-                    row[f"{prefix}{q}_time_ratio"] = f">={adam.elapsed_s[-1] / k_t:.3g}"
-                else:
-                    row[f"{prefix}{q}_epoch_ratio"] = row[f"{prefix}{q}_time_ratio"] = None
-        for name, r in by.items():
-            row[f"{name}_final_energy"] = r.energy_rmse[-1]
-            row[f"{name}_final_force"] = r.force_rmse[-1]
-            row[f"{name}_best_force"] = min(r.force_rmse)
-            row[f"{name}_epochs_run"] = r.epochs[-1]
-            row[f"{name}_s_per_epoch"] = r.elapsed_s[-1] / r.epochs[-1]
-            row[f"{name}_peak_mib"] = r.peak_rss_mib
-            if not math.isnan(r.peak_gpu_mib):
-                row[f"{name}_peak_gpu_mib"] = r.peak_gpu_mib
-        if adam.max_epochs is not None:
-            row["adam_max_epochs"] = adam.max_epochs
-        rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------------------- microbenchmark
@@ -503,6 +575,31 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
     return str(x)
 
 
+def _csv_value(value: Any) -> Any:
+    """A ratio as its text (``"2.1 ± 0.3×"``, ``"≥ 1.5×"``), floats as they are."""
+    return str(value) if isinstance(value, Ratio) else value
+
+
+def _mean_cell(row: dict[str, Any], key: str, spec: str) -> str:
+    """``mean ± std`` of a summary value (``spec`` for both)."""
+    m, sd = row.get(key, math.nan), row.get(f"{key}_std", math.nan)
+    if math.isnan(m):
+        return "nan"
+    return format(m, spec) if math.isnan(sd) else f"{format(m, spec)} ± {format(sd, spec)}"
+
+
+def _reach_cell(row: dict[str, Any], key: str, what: str, spec: str) -> str:
+    """Epochs (``what="epochs"``) or seconds (``"s"``) to a target: mean ± std over the seeds
+    that reached it, ``(n/N)`` when not all did, ``never (ran x)`` when none did."""
+    n, of = row[f"{key}_{what}_n"], row["seeds"]
+    if n == 0:
+        ran = row[f"{key}_epochs_run"]
+        return f"never (ran {ran:.3g} epochs)"
+    m, sd = row[f"{key}_{what}"], row[f"{key}_{what}_std"]
+    text = format(m, spec) if math.isnan(sd) else f"{format(m, spec)} ± {format(sd, spec)}"
+    return text + (f" ({n}/{of})" if n < of else "")
+
+
 def _ms(x: float) -> str:
     """Milliseconds: one decimal from 10 ms on (CPU-scale), else three significant digits."""
     return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
@@ -537,9 +634,9 @@ def write_report(
             keys = sorted({k for r in rows for k in r})
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: _csv_value(v) for k, v in r.items()} for r in rows)
         with open(f"{base}-curves.json", "w") as fh:
-            json.dump([r.__dict__ for r in runs], fh)
+            json.dump([dataclasses.asdict(r) for r in runs], fh)
         _plot(runs, Path(f"{base}-curves.png"))
     if micro:  # microbenchmark only: the table is the report's CSV
         with open(f"{base}-micro.csv" if trained else f"{base}.csv", "w", newline="") as fh:
@@ -553,56 +650,63 @@ def write_report(
         f"Machine: {machine_name(device)}.",
         "",
     ]
-    gpu_col = any("adam_peak_gpu_mib" in r for r in rows)
+    gpu_col = any(math.isfinite(r.get("adam_peak_gpu_mib", math.nan)) for r in rows)
     if trained:
+        clock = (
+            "training time only (validation and checkpoint writes outside the clock)"
+            if all(r.get("clock", "train") == "train" for r in rows)
+            else "wall-clock for runs logged without `time/train_s` (validation and "
+            "checkpoints included)"
+        )
         lines += [
-            f"Budget {budget} s of training per run (Lightning `max_time`), one run per "
-            "optimizer and data set, same model/data/split/dtype/seed.",
+            f"Budget {budget} s of wall-clock per run (Lightning `max_time`), one run per "
+            "optimizer, data set and seed; within a seed the same model init, data, split "
+            "(the same validation frames for every optimizer), dtype and sampling seed.",
             "",
             f"Target = {TARGET_FACTOR} × the best validation RMSE that Adam or that Kalman mode "
-            "reached (per pair); ratio = Adam / RLEKF (> 1: RLEKF faster; `>=x`: Adam did not "
-            "reach the target in its run, x = what it ran / what RLEKF needed). Wall-clock "
-            "includes validation and checkpoint writes.",
+            "reached in any seed (per pair). A run reaches it at the first validation from "
+            "which its RMSE **stays** below the target to the end of the run (primary; first "
+            "crossing: the `first` columns). Epochs are training epochs done (a truncated last "
+            f"epoch counts as the fraction it ran); seconds are {clock}; s/epoch from whole "
+            "epochs only. Cells: mean ± sample std over seeds, `(n/N)` when only n of N seeds "
+            "reached the target, `never (ran x)` when none did. Ratio = Adam / Kalman of the "
+            "means (> 1: Kalman faster) ± its spread from the seeds' std; `≥ x`: Adam missed "
+            "the target in some seed (its whole run stands in); `≤ x`: the Kalman run missed "
+            "it (its whole run stands in); `–`: both missed.",
             "",
-            "| data (Kalman mode) | force: epochs Adam / RLEKF (ratio) | "
-            "force: seconds Adam / RLEKF (ratio) | "
-            "energy: epochs (ratio) | energy: seconds (ratio) | final force RMSE Adam / RLEKF "
-            "(eV/Å) | final energy RMSE Adam / RLEKF (eV/atom) | s/epoch Adam / RLEKF | "
-            "peak MiB Adam / RLEKF |" + (" peak GPU MiB Adam / RLEKF |" if gpu_col else ""),
-            "|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu_col else ""),
+            "| data (Kalman mode) | seeds | force: epochs Adam / Kalman (ratio) | "
+            "force: train s Adam / Kalman (ratio) | force first: epoch / time ratio | "
+            "energy: epochs (ratio) | energy: train s (ratio) | energy first: epoch / time "
+            "ratio | final force RMSE Adam / Kalman (eV/Å) | final energy RMSE Adam / Kalman "
+            "(eV/atom) | train s/epoch Adam / Kalman | peak MiB Adam / Kalman |"
+            + (" peak GPU MiB Adam / Kalman |" if gpu_col else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu_col else ""),
         ]
     for r in rows:
         if "note" in r:
+            name = f"{r['dataset']} ({r['kalman']})" if "kalman" in r else r["dataset"]
             lines.append(
-                f"| {r['dataset']} | {r['note']} | | | | | | | |" + (" |" if gpu_col else "")
+                f"| {name} | {r['note']} | | | | | | | | | | |" + (" |" if gpu_col else "")
             )
             continue
-        for kal in KALMAN:
-            if f"{kal}_final_force" not in r:
-                continue
-            p = "" if kal == "rlekf" else f"{kal}_"
-            line = (
-                f"| {r['dataset']} ({kal}) "
-                f"| {_fmt(r[f'{p}adam_force_epochs'])} / {_fmt(r[f'{kal}_force_epochs'])} "
-                f"({_fmt(r[f'{p}force_epoch_ratio'])}) "
-                f"| {_fmt(r[f'{p}adam_force_s'], '.0f')} / {_fmt(r[f'{kal}_force_s'], '.0f')} "
-                f"({_fmt(r[f'{p}force_time_ratio'])}) "
-                f"| {_fmt(r[f'{p}adam_energy_epochs'])} / {_fmt(r[f'{kal}_energy_epochs'])} "
-                f"({_fmt(r[f'{p}energy_epoch_ratio'])}) "
-                f"| {_fmt(r[f'{p}adam_energy_s'], '.0f')} / {_fmt(r[f'{kal}_energy_s'], '.0f')} "
-                f"({_fmt(r[f'{p}energy_time_ratio'])}) "
-                f"| {_fmt(r['adam_final_force'])} / {_fmt(r[f'{kal}_final_force'])} "
-                f"| {_fmt(r['adam_final_energy'])} / {_fmt(r[f'{kal}_final_energy'])} "
-                f"| {_fmt(r['adam_s_per_epoch'], '.1f')} / "
-                f"{_fmt(r[f'{kal}_s_per_epoch'], '.1f')} "
-                f"| {_fmt(r['adam_peak_mib'], '.0f')} / {_fmt(r[f'{kal}_peak_mib'], '.0f')} |"
+        cells = [f"{r['dataset']} ({r['kalman']})", str(r["seeds"])]
+        for q in ("force", "energy"):
+            for what, spec in (("epochs", ".3g"), ("s", ".0f")):
+                sides = [_reach_cell(r, f"{q}_stay_{who}", what, spec) for who in ("adam", "kal")]
+                ratio = r[f"{q}_stay_{'epoch' if what == 'epochs' else 'time'}_ratio"]
+                cells.append(f"{sides[0]} / {sides[1]} ({ratio})")
+            cells.append(f"{r[f'{q}_first_epoch_ratio']} / {r[f'{q}_first_time_ratio']}")
+        for key, spec in (
+            ("final_force", ".3g"),
+            ("final_energy", ".3g"),
+            ("s_per_epoch", ".1f"),
+            ("peak_mib", ".0f"),
+            *((("peak_gpu_mib", ".0f"),) if gpu_col else ()),
+        ):
+            cells.append(
+                f"{_mean_cell(r, f'adam_{key}', spec)} / {_mean_cell(r, f'kal_{key}', spec)}"
             )
-            if gpu_col:
-                line += (
-                    f" {_fmt(r.get('adam_peak_gpu_mib'), '.0f')} / "
-                    f"{_fmt(r.get(f'{kal}_peak_gpu_mib'), '.0f')} |"
-                )
-            lines.append(line)
+        lines.append("| " + " | ".join(cells) + " |")
     if trained and notes:
         lines += ["", *notes]
     if micro:
@@ -689,16 +793,18 @@ def _plot(runs: list[RunResult], path: Path) -> None:
     for row, ds in enumerate(datasets):
         for r in (r for r in runs if r.dataset == ds and r.epochs):
             style = {"rlekf": "-", "rlekf_fused": "-."}.get(r.optim, "--")
+            label = r.optim if r.seed == min(x.seed for x in runs) else None
             for col, (x, y, xl, yl) in enumerate(
                 [
                     (r.epochs, r.force_rmse, "epoch", "val force RMSE (eV/Å)"),
-                    (r.elapsed_s, r.force_rmse, "wall-clock (s)", "val force RMSE (eV/Å)"),
+                    (r.train_s, r.force_rmse, "training time (s)", "val force RMSE (eV/Å)"),
                     (r.epochs, r.energy_rmse, "epoch", "val energy RMSE (eV/atom)"),
-                    (r.elapsed_s, r.energy_rmse, "wall-clock (s)", "val energy RMSE (eV/atom)"),
+                    (r.train_s, r.energy_rmse, "training time (s)", "val energy RMSE (eV/atom)"),
                 ]
             ):
                 ax = axes[row, col]
-                ax.plot(x, y, style, marker="o", ms=3, label=r.optim)
+                color = {"rlekf": "C0", "rlekf_fused": "C1", "adam": "C2"}.get(r.optim)
+                ax.plot(x, y, style, marker="o", ms=3, label=label, color=color)
                 ax.set_xlabel(xl)
                 ax.set_ylabel(yl)
                 ax.set_yscale("log")
@@ -753,9 +859,9 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds",
         type=int,
         nargs="+",
-        default=[0],
-        help="one run per optimizer and seed (model init, split and sampling); with several "
-        "seeds each (data set, seed) pair gets its own row",
+        default=[0, 1, 2],
+        help="one run per optimizer and seed (model init, split and sampling); rows give the "
+        "mean ± std over seeds and the ratio of the means (default: 0 1 2)",
     )
     parser.add_argument(
         "--device",
@@ -767,9 +873,9 @@ def main(argv: list[str] | None = None) -> int:
         "--adam-epochs",
         type=parse_adam_epochs,
         default=None,
-        help="Adam's max_epochs (its lr schedule length): 'auto' (time a 3-epoch calibration "
-        "run and fit the schedule into the budget), 'preset', or N (default: auto on CUDA, "
-        "preset on the CPU)",
+        help="Adam's max_epochs (its lr schedule length): 'auto' (default: time a 3-epoch "
+        "calibration run and fit the schedule into the budget; the report gives the plan's "
+        "error), 'preset' (the preset's epochs, tuned on a 2-core CPU), or N",
     )
     parser.add_argument("--tag", default=None, help="report file tag (default: host name)")
     parser.add_argument(
@@ -784,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     budget = args.budget or preset["budget_s"]
     device = resolve_device(args.device)
-    adam_mode = args.adam_epochs or ("auto" if device.type == "cuda" else "preset")
+    adam_mode = args.adam_epochs or "auto"
     work = args.work or Path(tempfile.mkdtemp(prefix="rlekf-bench-"))
     runs: list[RunResult] = []
     notes: list[str] = []
@@ -833,28 +939,24 @@ def main(argv: list[str] | None = None) -> int:
                             f"- {ds}: Adam max_epochs = {max_epochs_of(overrides)} (preset)."
                         )
                     print(f"[bench] {ds} / {optim}: {budget} s {overrides}", flush=True)
-                    run_dir = (
-                        work / ds / optim
-                        if len(args.seeds) == 1
-                        else work / ds / f"seed{seed}" / optim
-                    )
+                    run_dir = work / ds / f"seed{seed}" / optim
                     r = run_training(ds, optim, overrides, budget, run_dir, seed=seed)
-                    if len(args.seeds) > 1:
-                        r.dataset = f"{ds} seed {seed}"
                     print(
                         f"[bench]   {len(r.epochs)} epochs, rc={r.returncode}, final force "
                         f"{r.force_rmse[-1] if r.force_rmse else 'n/a'}",
                         flush=True,
                     )
-                    if (
-                        optim == "adam"
-                        and r.max_epochs
-                        and r.epochs
-                        and r.epochs[-1] < r.max_epochs
-                    ):
+                    if optim == "adam" and r.max_epochs and r.curve:
+                        ran = r.curve[-1].epochs
+                        err = calibration_error(r.max_epochs, ran)
                         notes.append(
-                            f"- {r.dataset}: Adam ran {r.epochs[-1]} of its {r.max_epochs} "
-                            "epochs within the budget (its lr schedule did not reach its end)."
+                            f"- {ds} seed {seed}: Adam ran {ran:.3g} of its {r.max_epochs} "
+                            f"planned epochs (plan error {100 * err:+.0f} %"
+                            + (
+                                "; its lr schedule did not reach its end)."
+                                if ran < r.max_epochs
+                                else ")."
+                            )
                         )
                     runs.append(r)
     micro = (

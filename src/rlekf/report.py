@@ -4,11 +4,16 @@ A Hydra multirun folder holds one sub-folder per job (``0/``, ``1/``, ...), each
 ``.hydra/overrides.yaml``, ``.hydra/config.yaml``, ``.hydra/hydra.yaml`` and the CSV logger's
 ``csv/metrics.csv`` (the sweep files force the csv logger; it is the source of truth here).
 For every run the report takes the validation curve (``val/energy_rmse`` in eV/atom,
-``val/force_rmse`` in eV/Å, ``time/elapsed_s`` logged by ``EpochSummary``) and computes:
+``val/force_rmse`` in eV/Å, and the clocks ``time/train_s``, ``time/epochs`` and
+``time/elapsed_s`` logged by ``EpochSummary``; read by :mod:`rlekf.runs`, the same reader and
+accounting as ``rlekf-bench``) and computes:
 
 * final and best validation energy/force RMSE;
-* epochs and wall-clock seconds until the validation RMSE first reaches a target, the target
-  being ``target_factor`` (1.2) × the best RMSE reached by any run on the same data set.
+* training epochs and training seconds (validation and checkpoint writes excluded) until the
+  validation RMSE stays below a target to the end of the run, and until it first crosses it,
+  the target being ``target_factor`` (1.2) × the best RMSE reached by any run on the same
+  data set; a truncated last epoch counts as the fraction it ran, seconds per epoch come from
+  whole epochs only.
 
 Runs that differ only by ``seed`` form a group; groups are reported as mean ± sample standard
 deviation over seeds, also per single factor (block size, init, ...) when several vary. Output
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rlekf.runs import (
+    VAL_F,
+    ValPoint,
+    best,
+    format_mean_std,
+    mean_std,
+    reach,
+    read_metrics_csv,
+    s_per_epoch,
+)
 
 __all__ = [
     "FACTORS",
@@ -47,10 +62,6 @@ __all__ = [
     "run_metrics",
 ]
 
-VAL_E = "val/energy_rmse"
-VAL_F = "val/force_rmse"
-TIME = "time/elapsed_s"
-
 # factors read from each job's config; shown as columns and used for the per-factor tables
 FACTORS = ("optim", "data", "block_size", "init", "init_scale")
 
@@ -60,31 +71,28 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("best_force_rmse", "best val F RMSE (eV/Å)"),
     ("final_energy_rmse", "final val E RMSE (eV/atom)"),
     ("best_energy_rmse", "best val E RMSE (eV/atom)"),
-    ("epochs_to_target_force", "epochs to F target"),
-    ("time_to_target_force_s", "time to F target (s)"),
-    ("epochs_to_target_energy", "epochs to E target"),
-    ("time_to_target_energy_s", "time to E target (s)"),
+    ("epochs_to_target_force", "epochs to F target (stays below)"),
+    ("time_to_target_force_s", "train s to F target (stays below)"),
+    ("first_epochs_to_target_force", "epochs to F target (first crossing)"),
+    ("epochs_to_target_energy", "epochs to E target (stays below)"),
+    ("time_to_target_energy_s", "train s to E target (stays below)"),
+    ("first_epochs_to_target_energy", "epochs to E target (first crossing)"),
     ("epochs", "epochs"),
+    ("train_s", "training time (s)"),
+    ("s_per_epoch", "train s/epoch (whole epochs)"),
     ("elapsed_s", "wall-clock (s)"),
 )
 # metrics that are missing (not reached) for some runs: the tables also count the reached ones
 TARGET_METRICS = (
     "epochs_to_target_force",
     "time_to_target_force_s",
+    "first_epochs_to_target_force",
+    "first_time_to_target_force_s",
     "epochs_to_target_energy",
     "time_to_target_energy_s",
+    "first_epochs_to_target_energy",
+    "first_time_to_target_energy_s",
 )
-
-
-@dataclass(frozen=True)
-class ValPoint:
-    """One validation of a run: epoch (0-based), global step, seconds since fit start, RMSEs."""
-
-    epoch: int
-    step: int
-    time_s: float
-    energy_rmse: float
-    force_rmse: float
 
 
 @dataclass
@@ -113,60 +121,6 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- reading
-def _num(text: str | None) -> float | None:
-    if text is None or text == "":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def read_metrics_csv(path: str | Path) -> tuple[list[ValPoint], dict[str, float]]:
-    """Read a Lightning ``CSVLogger`` file into validation points and test metrics.
-
-    A validation point is every row with ``val/force_rmse``; its time is the row's
-    ``time/elapsed_s`` or, failing that, the last time logged in the same epoch (NaN if none).
-
-    Args:
-        path: ``<job>/csv/metrics.csv``.
-
-    Returns:
-        ``(curve, test)``: validation points in order, and the last value of each ``test/*``.
-    """
-    with Path(path).open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    time_by_epoch: dict[int, float] = {}
-    for row in rows:
-        t, ep = _num(row.get(TIME)), _num(row.get("epoch"))
-        if t is not None and ep is not None:
-            time_by_epoch[int(ep)] = t
-    curve: list[ValPoint] = []
-    test: dict[str, float] = {}
-    for row in rows:
-        epoch = int(_num(row.get("epoch")) or 0)
-        force = _num(row.get(VAL_F))
-        if force is not None:
-            t = _num(row.get(TIME))
-            curve.append(
-                ValPoint(
-                    epoch=epoch,
-                    step=int(_num(row.get("step")) or 0),
-                    time_s=t if t is not None else time_by_epoch.get(epoch, math.nan),
-                    energy_rmse=_opt(_num(row.get(VAL_E))),
-                    force_rmse=force,
-                )
-            )
-        for key, value in row.items():
-            if key and key.startswith("test/") and _num(value) is not None:
-                test[key] = float(value)
-    return curve, test
-
-
-def _opt(x: float | None) -> float:
-    return math.nan if x is None else x
-
-
 def _load_yaml(path: Path) -> Any:
     with path.open() as fh:
         return yaml.safe_load(fh)
@@ -247,13 +201,6 @@ def find_job_dirs(multirun_dir: str | Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- metrics
-def _first_reaching(curve: Sequence[ValPoint], attr: str, target: float) -> ValPoint | None:
-    for point in curve:
-        if getattr(point, attr) <= target:
-            return point
-    return None
-
-
 def compute_targets(
     runs: Iterable[Run], target_factor: float = 1.2
 ) -> dict[str, tuple[float, float]]:
@@ -262,16 +209,13 @@ def compute_targets(
     Returns:
         ``{data: (energy_target, force_target)}`` (NaN where no run has the quantity).
     """
-    best: dict[str, list[float]] = {}
+    curves: dict[str, list[list[ValPoint]]] = {}
     for run in runs:
-        if not run.curve:
-            continue
-        b = best.setdefault(run.factors.get("data", ""), [math.inf, math.inf])
-        b[0] = min(b[0], _nanmin(p.energy_rmse for p in run.curve))
-        b[1] = min(b[1], _nanmin(p.force_rmse for p in run.curve))
+        if run.curve:
+            curves.setdefault(run.factors.get("data", ""), []).append(run.curve)
     return {
-        d: tuple(target_factor * v if math.isfinite(v) else math.nan for v in b)  # type: ignore[misc]
-        for d, b in best.items()
+        d: (target_factor * best(cs, "energy"), target_factor * best(cs, "force"))
+        for d, cs in curves.items()
     }
 
 
@@ -281,33 +225,35 @@ def _nanmin(values: Iterable[float]) -> float:
 
 
 def run_metrics(run: Run, energy_target: float, force_target: float) -> dict[str, float]:
-    """Final/best validation RMSEs and epochs/seconds to the targets of one run.
+    """Final/best validation RMSEs and epochs/training seconds to the targets of one run.
 
-    ``epochs_to_target_*`` counts completed epochs (``epoch + 1``) at the first validation
-    that reaches the target; ``time_to_target_*_s`` is that validation's ``time/elapsed_s``.
-    Not reached: NaN.
+    ``epochs_to_target_*`` / ``time_to_target_*_s``: training epochs done (fractional for a
+    truncated last epoch) and training seconds (``time/train_s``; the wall-clock for older
+    logs, ``clock`` says which) at the first validation from which the RMSE stays ≤ the target
+    to the end of the run; ``first_*``: at its first crossing. Not reached: NaN.
+    ``s_per_epoch``: training seconds per whole epoch (:func:`rlekf.runs.s_per_epoch`).
     """
     nan = math.nan
     if not run.curve:
         return {key: nan for key, _ in METRICS}
     last = run.curve[-1]
-    out = {
+    out: dict[str, float] = {
         "final_force_rmse": last.force_rmse,
         "best_force_rmse": min(p.force_rmse for p in run.curve),
         "final_energy_rmse": last.energy_rmse,
         "best_energy_rmse": _nanmin(p.energy_rmse for p in run.curve),
-        "epochs": float(last.epoch + 1),
+        "epochs": last.epochs,
+        "train_s": last.train_time,
+        "s_per_epoch": s_per_epoch(run.curve),
         "elapsed_s": last.time_s,
     }
     if math.isinf(out["best_energy_rmse"]):
         out["best_energy_rmse"] = nan
-    for quantity, attr, target in (
-        ("force", "force_rmse", force_target),
-        ("energy", "energy_rmse", energy_target),
-    ):
-        hit = _first_reaching(run.curve, attr, target) if not math.isnan(target) else None
-        out[f"epochs_to_target_{quantity}"] = float(hit.epoch + 1) if hit else nan
-        out[f"time_to_target_{quantity}_s"] = hit.time_s if hit else nan
+    for quantity, target in (("force", force_target), ("energy", energy_target)):
+        for criterion, prefix in (("stay", ""), ("first", "first_")):
+            hit = reach(run.curve, quantity, target, criterion)
+            out[f"{prefix}epochs_to_target_{quantity}"] = hit.epochs if hit else nan
+            out[f"{prefix}time_to_target_{quantity}_s"] = hit.train_time if hit else nan
     for key, value in run.test.items():
         out[key] = value
     return out
@@ -331,14 +277,6 @@ def group_label(run: Run, keys: Sequence[str]) -> str:
     present = {override_key(o): o for o in run.overrides}
     parts = [present[k] for k in keys if k in present]
     return ",".join(parts) if parts else "all"
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan, 0
-    std = statistics.stdev(vals) if len(vals) > 1 else math.nan
-    return statistics.fmean(vals), std, len(vals)
 
 
 def aggregate(
@@ -366,7 +304,7 @@ def aggregate(
             vals = {m.get(f, "") for m in members}
             agg[f] = vals.pop() if len(vals) == 1 else ""
         for m in metrics:
-            mean, std, n = _mean_std([float(r.get(m, math.nan)) for r in members])
+            mean, std, n = mean_std([float(r.get(m, math.nan)) for r in members])
             agg[f"{m}_mean"], agg[f"{m}_std"], agg[f"{m}_n"] = mean, std, n
         out.append(agg)
     return out
@@ -388,20 +326,6 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
     return value
-
-
-def format_mean_std(mean: float, std: float, n: int | None = None, of: int | None = None) -> str:
-    """``"0.1234 ± 0.0056"`` (4 significant digits, std 2), ``"–"`` when NaN, ``" (2/3)"``
-    appended when only ``n`` of ``of`` runs have a value."""
-    if math.isnan(mean):
-        text = "–"
-    elif math.isnan(std):
-        text = f"{mean:.4g}"
-    else:
-        text = f"{mean:.4g} ± {std:.2g}"
-    if n is not None and of is not None and n < of:
-        text += f" ({n}/{of})"
-    return text
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], factors: Sequence[str]) -> str:
@@ -544,6 +468,7 @@ def build_report(
         label = group_label(run, keys)
         row: dict[str, Any] = {"job": run.job, "group": label, **run.factors, "seed": run.seed}
         row["status"] = run.status
+        row["clock"] = run.curve[-1].clock if run.curve else ""
         row["energy_target"], row["force_target"] = e_t, f_t
         row.update(run_metrics(run, e_t, f_t))
         rows.append(row)
@@ -565,8 +490,18 @@ def build_report(
         "",
         f"{len(ok)} of {len(runs)} runs with metrics; groups differ by "
         f"{', '.join(keys) or 'nothing'}; mean ± sample std over seeds (n/N: runs that "
-        "reached the target). Energies in eV/atom, forces in eV/Å, times in seconds since the "
-        "start of fit.",
+        "reached the target). Energies in eV/atom, forces in eV/Å. A run reaches a target at "
+        "the first validation from which its RMSE stays ≤ the target to the end (first "
+        "crossing: secondary columns); epochs are training epochs done (a truncated last epoch "
+        "counts as the fraction it ran); times are training seconds since the start of fit "
+        "(validation and checkpoint writes excluded)"
+        + (
+            "; runs logged without time/train_s use the wall-clock: "
+            + ", ".join(r.job for r in ok if r.curve[-1].clock == "wall")
+            if any(r.curve[-1].clock == "wall" for r in ok)
+            else ""
+        )
+        + ".",
         "",
     ]
     for data, (e_t, f_t) in targets.items():

@@ -148,17 +148,27 @@ def _env() -> dict[str, str]:
 def _val_curve(path: Path) -> list[dict[str, float]]:
     with path.open() as fh:
         reader = csv.DictReader(fh)
-        assert "time/elapsed_s" in reader.fieldnames, "EpochSummary must log time/elapsed_s"
+        for key in ("time/elapsed_s", "time/train_s", "time/epochs"):
+            assert key in reader.fieldnames, f"EpochSummary must log {key}"
         rows = [r for r in reader if r.get("val/force_rmse")]
     return [
         {
             "epoch": int(r["epoch"]),
+            "epochs": float(r["time/epochs"]),
             "force": float(r["val/force_rmse"]),
             "energy": float(r["val/energy_rmse"]),
-            "time": float(r["time/elapsed_s"]),
+            "time": float(r["time/train_s"]),
+            "wall": float(r["time/elapsed_s"]),
         }
         for r in rows
     ]
+
+
+def _stays(curve: list[dict[str, float]], key: str, target: float) -> dict[str, float] | None:
+    """The first point after the last one above the target (None if the run ends above)."""
+    above = [i for i, p in enumerate(curve) if not p[key] <= target]
+    start = above[-1] + 1 if above else 0
+    return curve[start] if start < len(curve) else None
 
 
 def test_smoke_sweep_runs_and_report_matches_the_csv_logs(tmp_path, tmp_path_factory):
@@ -203,22 +213,27 @@ def test_smoke_sweep_runs_and_report_matches_the_csv_logs(tmp_path, tmp_path_fac
     expected_by_group: dict[str, list[dict[str, float]]] = {}
     for job, curve in curves.items():
         row = runs[job]
-        hit_f = next(p for p in curve if p["force"] <= target_f)  # the best run reaches it
+        first_f = [p for p in curve if p["force"] <= target_f]
         expected = {
             "final_force_rmse": curve[-1]["force"],
             "best_force_rmse": min(p["force"] for p in curve),
             "final_energy_rmse": curve[-1]["energy"],
             "best_energy_rmse": min(p["energy"] for p in curve),
-            "epochs_to_target_force": hit_f["epoch"] + 1.0,
-            "time_to_target_force_s": hit_f["time"],
-            "epochs": curve[-1]["epoch"] + 1.0,
-            "elapsed_s": curve[-1]["time"],
+            "epochs": curve[-1]["epochs"],
+            "train_s": curve[-1]["time"],
+            "elapsed_s": curve[-1]["wall"],
         }
-        hit_e = [p for p in curve if p["energy"] <= target_e]
-        if hit_e:
-            expected["time_to_target_energy_s"] = hit_e[0]["time"]
-        else:
-            assert row["time_to_target_energy_s"] == ""
+        assert curve[-1]["time"] < curve[-1]["wall"]  # validation is outside the training clock
+        if first_f:
+            expected["first_epochs_to_target_force"] = first_f[0]["epochs"]
+            expected["first_time_to_target_force_s"] = first_f[0]["time"]
+        for q, target in (("force", target_f), ("energy", target_e)):
+            hit = _stays(curve, q, target)
+            if hit:
+                expected[f"epochs_to_target_{q}"] = hit["epochs"]
+                expected[f"time_to_target_{q}_s"] = hit["time"]
+            else:
+                assert row[f"time_to_target_{q}_s"] == ""
         for key, value in expected.items():
             assert float(row[key]) == pytest.approx(value, rel=1e-12), (job, key)
         assert float(row["force_target"]) == pytest.approx(target_f, rel=1e-12)
@@ -230,7 +245,7 @@ def test_smoke_sweep_runs_and_report_matches_the_csv_logs(tmp_path, tmp_path_fac
     assert set(summary) == {"optim=rlekf", "optim=adam"}
     for group, members in expected_by_group.items():
         assert int(summary[group]["n_runs"]) == 2
-        for key in ("final_force_rmse", "best_force_rmse", "best_energy_rmse", "elapsed_s"):
+        for key in ("final_force_rmse", "best_force_rmse", "best_energy_rmse", "train_s"):
             values = [m[key] for m in members]
             assert float(summary[group][f"{key}_mean"]) == pytest.approx(
                 statistics.fmean(values), rel=1e-12

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ from rlekf.bench import (
     RunResult,
     adam_epochs_for_budget,
     device_overrides,
-    epochs_to_target,
     machine_name,
     max_epochs_of,
     microbench,
@@ -23,42 +23,135 @@ from rlekf.bench import (
     with_max_epochs,
     write_report,
 )
+from rlekf.runs import read_metrics_csv
 from tests.helpers.hydra import FAST_DATA
 
 
-def _run(optim, force, energy, dt):
+def _write_metrics(path, points):
+    """A metrics.csv as Lightning's CSVLogger writes it with EpochSummary's clocks: per point
+    ``(epochs done, train s, val s so far, energy RMSE, force RMSE)``; step rows between."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["epoch", "step", "train/loss", "time/elapsed_s", "time/epochs", "time/train_s"]
+    cols += ["time/val_s", "val/energy_rmse", "val/force_rmse"]
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for k, (ep, train_s, val_s, e, f) in enumerate(points):
+            epoch = int(math.ceil(ep)) - 1  # Lightning's 0-based index of a (partial) epoch
+            w.writerow([epoch, 10 * k + 9, 0.5, "", "", "", "", "", ""])
+            w.writerow([epoch, 10 * k + 9, "", train_s + val_s, ep, train_s, val_s, e, f])
+    return path
+
+
+def _run(tmp_path, optim, force, energy, dt, *, seed=0, val_dt=0.0, last_fraction=None):
+    """A run whose curve went through a metrics.csv: epoch k ends at k·dt training seconds
+    (``val_dt`` of validation per epoch on the wall-clock); ``last_fraction`` cuts the last
+    epoch to that fraction (training time in proportion)."""
     n = len(force)
-    return RunResult(
-        "cu",
-        optim,
-        list(range(1, n + 1)),
-        [dt * (k + 1) for k in range(n)],
-        energy,
-        force,
-        peak_rss_mib=100.0,
-    )
+    epochs = [float(k + 1) for k in range(n)]
+    if last_fraction is not None:
+        epochs[-1] = n - 1 + last_fraction
+    points = [
+        (ep, dt * ep, val_dt * (k + 1), e, f)
+        for k, (ep, e, f) in enumerate(zip(epochs, energy, force, strict=True))
+    ]
+    path = _write_metrics(tmp_path / f"{optim}-{seed}-{len(list(tmp_path.iterdir()))}.csv", points)
+    curve, _ = read_metrics_csv(path)
+    return RunResult("cu", optim, curve, seed=seed, peak_rss_mib=100.0)
 
 
-def test_epochs_to_target():
-    assert epochs_to_target([3.0, 2.0, 1.0], [1.0, 2.0, 3.0], 2.0) == (2, 2.0)
-    assert epochs_to_target([3.0, 2.5], [1.0, 2.0], 1.0) == (None, None)
+def test_summarize_uses_the_best_of_either_optimizer_and_training_time(tmp_path):
+    # validation costs 10 s per epoch on the wall-clock: the ratios must not see it
+    adam = _run(tmp_path, "adam", [1.0, 0.5, 0.2, 0.1], [0.1, 0.05, 0.02, 0.012], 1.0, val_dt=10)
+    rlekf = _run(tmp_path, "rlekf", [0.9, 0.11, 0.1], [0.02, 0.01, 0.009], 5.0, val_dt=10)
+    (row,) = summarize([adam, rlekf])
+    assert row["kalman"] == "rlekf" and row["seeds"] == 1 and row["clock"] == "train"
+    assert row["force_target"] == pytest.approx(0.12)
+    assert row["force_stay_adam_epochs"] == 4 and row["force_stay_kal_epochs"] == 2
+    assert row["force_stay_epoch_ratio"].value == pytest.approx(2.0)
+    assert row["force_stay_epoch_ratio"].bound == "="
+    # training seconds 4 (Adam) and 10 (RLEKF), not the wall-clock 44 and 30
+    assert row["force_stay_adam_s"] == 4.0 and row["force_stay_kal_s"] == 10.0
+    assert row["force_stay_time_ratio"].value == pytest.approx(0.4)
+    assert row["adam_s_per_epoch"] == 1.0 and row["kal_s_per_epoch"] == 5.0
+    # Adam never reaches the energy target 1.2 x 0.009: a lower bound from its whole run
+    assert row["energy_target"] == pytest.approx(1.2 * 0.009)
+    assert row["energy_stay_adam_epochs_n"] == 0
+    e = row["energy_stay_epoch_ratio"]
+    assert e.bound == ">=" and e.value == pytest.approx(4 / 2) and str(e) == "≥ 2×"
+    assert row["energy_stay_time_ratio"].value == pytest.approx(4.0 / 10.0)
 
 
-def test_summarize_uses_the_best_of_either_optimizer():
-    adam = _run("adam", [1.0, 0.5, 0.2, 0.1], [0.1, 0.05, 0.02, 0.012], dt=1.0)
-    rlekf = _run("rlekf", [0.9, 0.11, 0.1], [0.02, 0.01, 0.009], dt=5.0)
+def test_stays_below_is_primary_and_first_crossing_secondary(tmp_path):
+    # Adam's energy dips below the target once at epoch 2 (a lucky epoch), stays from epoch 5
+    adam = _run(tmp_path, "adam", [1.0] * 6, [0.5, 0.10, 0.4, 0.3, 0.11, 0.10], 1.0)  # target 0.12
+    rlekf = _run(tmp_path, "rlekf", [1.0] * 3, [0.3, 0.11, 0.115], 4.0)
+    (row,) = summarize([adam, rlekf])
+    assert row["energy_target"] == pytest.approx(0.12)
+    assert row["energy_first_adam_epochs"] == 2 and row["energy_stay_adam_epochs"] == 5
+    assert row["energy_stay_kal_epochs"] == 2 and row["energy_first_kal_epochs"] == 2
+    assert row["energy_stay_epoch_ratio"].value == pytest.approx(5 / 2)
+    assert row["energy_first_epoch_ratio"].value == pytest.approx(2 / 2)
+    assert row["energy_stay_time_ratio"].value == pytest.approx(5.0 / 8.0)
+
+
+def test_a_truncated_last_epoch_counts_as_its_fraction(tmp_path):
+    # RLEKF's third epoch is cut at 40 % by the budget and first reaches the target there
+    adam = _run(tmp_path, "adam", [1.0, 0.5, 0.3, 0.2, 0.12], [1.0] * 5, 1.0)
+    rlekf = _run(tmp_path, "rlekf", [0.5, 0.3, 0.1], [1.0] * 3, 10.0, last_fraction=0.4)
     (row,) = summarize([adam, rlekf])
     assert row["force_target"] == pytest.approx(0.12)
-    assert row["adam_force_epochs"] == 4 and row["rlekf_force_epochs"] == 2
-    assert row["force_epoch_ratio"] == pytest.approx(2.0)
-    assert row["force_time_ratio"] == pytest.approx(4.0 / 10.0)
-    assert row["energy_target"] == pytest.approx(1.2 * 0.009)
-    assert row["adam_energy_epochs"] is None and row["energy_epoch_ratio"] == ">=2"
-    assert row["energy_time_ratio"] == f">={4.0 / 10.0:.3g}"
+    assert row["force_stay_kal_epochs"] == pytest.approx(2.4)  # not 3
+    assert row["force_stay_kal_s"] == pytest.approx(24.0)
+    assert row["kal_epochs_run"] == pytest.approx(2.4)
+    assert row["kal_s_per_epoch"] == pytest.approx(10.0)  # from the 2 whole epochs only
+    assert row["force_stay_epoch_ratio"].value == pytest.approx(5 / 2.4)
+
+
+def test_rlekf_missing_a_target_adam_reaches_gives_an_upper_bound(tmp_path):
+    adam = _run(tmp_path, "adam", [1.0, 0.5, 0.2, 0.1], [1.0] * 4, 1.0)
+    rlekf = _run(tmp_path, "rlekf", [0.9, 0.5, 0.3], [1.0] * 3, 5.0)
+    (row,) = summarize([adam, rlekf])
+    assert row["force_stay_kal_epochs_n"] == 0 and row["force_stay_adam_epochs"] == 4
+    r = row["force_stay_epoch_ratio"]
+    # RLEKF needs more than the 3 epochs it ran: Adam / RLEKF <= 4 / 3
+    assert r.bound == "<=" and r.value == pytest.approx(4 / 3) and str(r) == "≤ 1.33×"
+    assert row["force_stay_time_ratio"].value == pytest.approx(4.0 / 15.0)
+    md = write_report(tmp_path / "out", "cu", 10, [adam, rlekf], [row], [])
+    assert "never (ran 3 epochs) (≤ 1.33×)" in md.read_text()
+
+
+def test_seeds_mean_std_and_ratio_of_means(tmp_path):
+    import statistics
+
+    adam_epochs, kal_epochs = [4, 6, 5], [1, 2, 2]
+    runs = []
+    for seed, (na, nk) in enumerate(zip(adam_epochs, kal_epochs, strict=True)):
+        # reaches 0.1 (the best) at epoch na / nk and stays there
+        runs.append(
+            _run(tmp_path, "adam", [1.0] * (na - 1) + [0.1] * 2, [1.0] * (na + 1), 1.0, seed=seed)
+        )
+        runs.append(
+            _run(tmp_path, "rlekf", [1.0] * (nk - 1) + [0.1] * 2, [1.0] * (nk + 1), 3.0, seed=seed)
+        )
+    (row,) = summarize(runs)
+    assert row["seeds"] == 3
+    assert row["force_stay_adam_epochs"] == pytest.approx(statistics.fmean(adam_epochs))
+    assert row["force_stay_adam_epochs_std"] == pytest.approx(statistics.stdev(adam_epochs))
+    assert row["force_stay_kal_epochs_std"] == pytest.approx(statistics.stdev(kal_epochs))
+    r = row["force_stay_epoch_ratio"]
+    ma, mk = statistics.fmean(adam_epochs), statistics.fmean(kal_epochs)
+    assert r.bound == "=" and r.value == pytest.approx(ma / mk)
+    rel = (statistics.stdev(adam_epochs) / ma) ** 2 + (statistics.stdev(kal_epochs) / mk) ** 2
+    assert r.spread == pytest.approx(ma / mk * rel**0.5)
+    assert row["force_stay_time_ratio"].value == pytest.approx(ma / (3 * mk))
 
 
 def test_report_files(tmp_path):
-    runs = [_run("adam", [1.0, 0.5], [0.1, 0.05], 1.0), _run("rlekf", [0.4, 0.3], [0.05, 0.04], 2)]
+    runs = [
+        _run(tmp_path, "adam", [1.0, 0.5], [0.1, 0.05], 1.0),
+        _run(tmp_path, "rlekf", [0.4, 0.3], [0.05, 0.04], 2),
+    ]
     micro = [
         {
             "model": "Cu",
@@ -72,12 +165,13 @@ def test_report_files(tmp_path):
             "achieved_over_bound": 1.8,
         }
     ]
-    md = write_report(tmp_path, "quick", 10, runs, summarize(runs), micro)
+    md = write_report(tmp_path / "out", "quick", 10, runs, summarize(runs), micro)
     text = md.read_text()
-    assert "| cu (rlekf) |" in text and "| Cu | 5120 | 7 |" in text
+    assert "| cu (rlekf) | 1 |" in text and "| Cu | 5120 | 7 |" in text
     assert md.with_name(md.stem + "-curves.png").exists()
     with open(md.with_suffix(".csv")) as fh:
-        assert next(csv.DictReader(fh))["dataset"] == "cu"
+        row = next(csv.DictReader(fh))
+    assert row["dataset"] == "cu" and row["force_stay_epoch_ratio"] == "≥ 1×"
 
 
 def test_parse_adam_epochs():
@@ -133,7 +227,10 @@ def test_microbench_rank_1_and_rank_k_columns_on_cpu():
 
 
 def test_report_with_rank_k_gpu_columns_tag_and_notes(tmp_path):
-    runs = [_run("adam", [1.0, 0.5], [0.1, 0.05], 1.0), _run("rlekf", [0.4, 0.3], [0.05, 0.04], 2)]
+    runs = [
+        _run(tmp_path, "adam", [1.0, 0.5], [0.1, 0.05], 1.0),
+        _run(tmp_path, "rlekf", [0.4, 0.3], [0.05, 0.04], 2),
+    ]
     runs[0].peak_gpu_mib = runs[1].peak_gpu_mib = 321.0
     runs[0].max_epochs = 40
     micro = [
@@ -159,13 +256,20 @@ def test_report_with_rank_k_gpu_columns_tag_and_notes(tmp_path):
         }
     ]
     rows = summarize(runs)
-    assert rows[0]["adam_max_epochs"] == 40 and rows[0]["rlekf_peak_gpu_mib"] == 321.0
+    assert rows[0]["adam_max_epochs"] == 40 and rows[0]["kal_peak_gpu_mib"] == 321.0
     md = write_report(
-        tmp_path, "cu", 10, runs, rows, micro, tag="h100", notes=["- cu: Adam max_epochs = 40"]
+        tmp_path / "out",
+        "cu",
+        10,
+        runs,
+        rows,
+        micro,
+        tag="h100",
+        notes=["- cu: Adam max_epochs = 40"],
     )
     assert md.name.endswith("-h100-cu.md")
     text = md.read_text()
-    assert "peak GPU MiB Adam / RLEKF" in text and "| 321 / 321 |" in text
+    assert "peak GPU MiB Adam / Kalman" in text and "| 321 / 321 |" in text
     assert "- cu: Adam max_epochs = 40" in text
     assert "rank-5 ms/update" in text
     assert "| Cu | 5120 | 7 | 0.860 | 0.95 |" in text and "| float32 | 1.2 | 0.24 |" in text
@@ -188,31 +292,74 @@ def test_tiny_end_to_end_training_run(tmp_path):
     assert r.returncode == 0, (tmp_path / "run" / "bench_stdout.log").read_text()[-2000:]
     assert r.epochs and r.epochs == sorted(r.epochs) and r.peak_rss_mib > 0
     assert r.elapsed_s == sorted(r.elapsed_s)
+    # EpochSummary's training clock: logged, increasing, below the wall-clock (validation
+    # and checkpoint writes are outside it)
+    assert all(p.clock == "train" for p in r.curve)
+    assert r.train_s == sorted(r.train_s)
+    assert all(0 < p.train_s < p.time_s for p in r.curve)
 
 
-def test_several_seeds_give_one_row_per_data_set_and_seed(tmp_path, monkeypatch):
+def test_several_seeds_give_one_row_per_data_set_with_mean_and_calibration_error(
+    tmp_path, monkeypatch
+):
     import rlekf.bench as bench
 
     calls = []
 
     def fake_run(ds, optim, overrides, budget, out, seed=0):
         calls.append((ds, optim, seed, tuple(overrides), out))
+        out.mkdir(parents=True, exist_ok=True)
         good = 0.5 if optim == "adam" else 0.2 + 0.1 * seed  # seed changes the Kalman result
-        return _run(optim, [1.0, good], [0.1, good / 10], dt=1.0)
+        r = _run(out, optim, [1.0, good], [0.1, good / 10], 1.0, seed=seed)
+        r.max_epochs = bench.max_epochs_of(list(overrides))
+        r.dataset = ds
+        return r
 
     monkeypatch.setattr(bench, "run_training", fake_run)
-    bench.main(
+    rc = bench.main(
         [
             "--preset", "cu", "--seeds", "0", "1", "--optims", "rlekf", "adam",
             "--adam-epochs", "7", "--no-micro", "--device", "cpu",
             "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), "--tag", "t",
         ]
     )  # fmt: skip
+    assert rc == 0
     assert [(c[1], c[2]) for c in calls] == [("rlekf", 0), ("adam", 0), ("rlekf", 1), ("adam", 1)]
     assert len({c[4] for c in calls}) == 4  # separate run folders
     assert all("trainer.max_epochs=7" in c[3] for c in calls if c[1] == "adam")
     rows = list(csv.DictReader(open(next((tmp_path / "out").glob("*.csv")))))
-    assert [r["dataset"] for r in rows] == ["cu_pwmat seed 0", "cu_pwmat seed 1"]
-    assert [float(r["rlekf_best_force"]) for r in rows] == pytest.approx([0.2, 0.3])
+    assert [r["dataset"] for r in rows] == ["cu_pwmat"] and rows[0]["seeds"] == "2"
+    assert float(rows[0]["kal_best_force"]) == pytest.approx(0.25)  # mean of 0.2 and 0.3
     md = next((tmp_path / "out").glob("*.md")).read_text()
     assert md.count("Adam max_epochs = 7") == 1
+    # Adam planned 7 epochs and ran 2: the plan's error is reported for each seed
+    assert md.count("Adam ran 2 of its 7 planned epochs (plan error -71 %") == 2
+
+
+def test_adam_epochs_default_to_auto_on_cpu(tmp_path, monkeypatch):
+    import rlekf.bench as bench
+
+    calls = []
+
+    def fake_run(ds, optim, overrides, budget, out, seed=0):
+        calls.append((optim, tuple(overrides)))
+        out.mkdir(parents=True, exist_ok=True)
+        # calibration: 3 epochs, first one 4 s, then 2 s each (wall-clock, as max_time sees)
+        n = bench.max_epochs_of(list(overrides)) or 3
+        pts = [(k + 1.0, 1.0 + 2 * k, 1.0, 1.0, 1.0) for k in range(min(n, 3))]
+        curve = read_metrics_csv(_write_metrics(out / "m.csv", pts))[0]
+        return RunResult(ds, optim, curve, seed=seed, max_epochs=n)
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    rc = bench.main(
+        [
+            "--preset", "cu", "--budget", "100", "--seeds", "0", "--optims", "adam",
+            "--no-micro", "--device", "cpu", "--out", str(tmp_path / "out"),
+            "--work", str(tmp_path / "w"),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    (calib, real) = calls
+    assert "trainer.max_epochs=3" in calib[1]
+    # wall-clock 2, 4, 6 s at the 3 epoch ends: 2 s/epoch, no first-epoch overhead
+    assert f"trainer.max_epochs={int(0.9 * 100 / 2)}" in real[1]

@@ -1,8 +1,9 @@
-"""Training-time accounting: StepTimer (rlekf-bench --profile), on
+"""Training-time accounting: StepTimer (rlekf-bench --profile) and EpochSummary's clocks, on
 tiny Lightning modules whose parts sleep for known times, and the profile on tiny EMT data."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import lightning as L
@@ -10,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rlekf.training.callbacks import StepTimer
+from rlekf.training.callbacks import EpochSummary, LastCheckpoint, StepTimer
 
-DATA_S, FWD_S, OPT_S, REST_S = 0.010, 0.005, 0.020, 0.008
+DATA_S, FWD_S, OPT_S, REST_S, VAL_S = 0.010, 0.005, 0.020, 0.008, 0.030
 
 
 class SlowData(Dataset):
@@ -68,6 +69,10 @@ class Tiny(L.LightningModule):
         self.manual_backward(loss)
         opt.step()
 
+    def validation_step(self, batch, batch_idx):
+        time.sleep(VAL_S)
+        self.log("val/force_rmse", 1.0, batch_size=1)
+
     def configure_optimizers(self):
         return SlowOptimizer(self.parameters(), lr=1e-3)
 
@@ -118,6 +123,77 @@ def test_step_timer_splits_known_delays(tmp_path):
 def test_step_timer_rejects_negative_warmup():
     with pytest.raises(ValueError, match="warmup"):
         StepTimer(warmup=-1)
+
+
+class StopAt(L.Callback):
+    """Stop inside an epoch, as Lightning's ``max_time`` Timer does (``should_stop``)."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx + 1 == self.batch:
+            trainer.should_stop = True
+
+
+class Record(L.Callback):
+    """The clocks EpochSummary logged at each validation."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_validation_end(self, trainer, pl_module):
+        m = trainer.callback_metrics
+        if "time/train_s" in m:
+            self.rows.append({k: float(m[k]) for k in m if k.startswith("time/")})
+
+
+def test_epoch_summary_training_clock_excludes_validation_and_checkpoints(tmp_path):
+    n_batches, n_val = 4, 3
+    summary, rec = EpochSummary(), Record()
+    # a checkpoint every optimizer step (inside the epoch) and at each epoch end
+    last = LastCheckpoint(str(tmp_path / "ck"), every_n_steps=1)
+    module = Tiny()
+    train = DataLoader(SlowData(n_batches), batch_size=1)
+    val = DataLoader(SlowData(n_val, sleep=0.0), batch_size=1)
+    saves = []
+    trainer = _trainer(
+        [summary, last, StopAt(epoch=2, batch=1), rec],
+        tmp_path,
+        max_epochs=10,
+        min_epochs=1,
+        limit_val_batches=n_val,
+        num_sanity_val_steps=1,
+    )
+    orig = trainer.save_checkpoint
+
+    def slow_save(*a, **k):  # a checkpoint write that costs a known time
+        time.sleep(0.05)
+        saves.append(1)
+        return orig(*a, **k)
+
+    trainer.save_checkpoint = slow_save
+    trainer.fit(module, train, val)
+    assert trainer.save_checkpoint is slow_save  # EpochSummary put back what it wrapped
+    assert len(rec.rows) == 3  # epochs 0, 1 and the one cut after 1 of 4 batches
+    epochs = [r["time/epochs"] for r in rec.rows]
+    assert epochs == pytest.approx([1.0, 2.0, 2.25])
+    n_steps = 2 * n_batches + 1
+    per_step = DATA_S + FWD_S + OPT_S + REST_S
+    train_s = rec.rows[-1]["time/train_s"]
+    elapsed = rec.rows[-1]["time/elapsed_s"]
+    val_s = rec.rows[-1]["time/val_s"]
+    assert len(saves) >= n_steps
+    # training time: at least the sleeps of the training steps; validation (3 epochs x 3
+    # batches x 30 ms + sanity check) and >= 9 checkpoint writes x 50 ms are outside it
+    assert train_s >= n_steps * per_step
+    assert val_s >= (3 * n_val + 1) * VAL_S
+    assert elapsed - train_s >= val_s + len(saves) * 0.05 * 0.9
+    # the clock is monotone across validations
+    assert all(
+        a["time/train_s"] < b["time/train_s"] for a, b in zip(rec.rows, rec.rows[1:], strict=False)
+    )
+    assert not math.isnan(train_s)
 
 
 def test_profile_on_tiny_emt(tmp_path, data_dir):

@@ -127,7 +127,9 @@ def test_targets_and_run_metrics(sweep):
     assert m["epochs_to_target_force"] == 3.0 and m["time_to_target_force_s"] == 3.0
     assert math.isnan(m["epochs_to_target_energy"])  # 0.04 > 0.024
     m4 = R.run_metrics(runs[4], e_t, f_t)  # reaches the target at epoch 2, then gets worse
-    assert m4["epochs_to_target_force"] == 2.0 and m4["final_force_rmse"] == 0.15
+    assert math.isnan(m4["epochs_to_target_force"])  # does not stay below: not reached
+    assert m4["first_epochs_to_target_force"] == 2.0 and m4["first_time_to_target_force_s"] == 2
+    assert m4["final_force_rmse"] == 0.15
     assert m4["best_force_rmse"] == 0.11
 
 

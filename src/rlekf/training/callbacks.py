@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 
 __all__ = ["EpochSummary", "LastCheckpoint", "StepTimer"]
 
@@ -22,28 +22,127 @@ log = logging.getLogger(__name__)
 
 
 class EpochSummary(L.Callback):
-    """Print ``epoch, wall-clock, val energy/force RMSE[, λ, Kalman updates]`` after validation.
+    """Print ``epoch, wall-clock, val energy/force RMSE[, λ, Kalman updates]`` after validation,
+    and log the run's clocks beside the validation metrics.
 
     Energies in eV/atom, forces in eV/Å. Readable in log files, unlike a progress bar.
+
+    Logged at every validation (seconds since the start of this fit; a resumed run restarts
+    them):
+
+    * ``time/elapsed_s``: wall-clock, everything included (validation, checkpoint writes).
+    * ``time/train_s``: training time only — the clock runs from the start of each training
+      epoch to its last batch and stops during validation and while a checkpoint is written
+      (``trainer.save_checkpoint``: Lightning's ``ModelCheckpoint`` and
+      :class:`LastCheckpoint`), so optimizers whose validation or checkpoints cost
+      differently are compared on their training alone.
+    * ``time/val_s``: time spent validating (sanity check included).
+    * ``time/epochs``: training epochs done, fractional when the run stopped inside an epoch
+      (e.g. ``max_time``): ``epoch + batches done / batches per epoch``.
     """
 
     def __init__(self) -> None:
         self.t0: float | None = None
+        self.train_s = 0.0
+        self.val_s = 0.0
+        self._run_since: float | None = None  # the training clock runs since then
+        self._val_since: float | None = None
+        self._batches = 0  # training batches done in the current epoch
+        self._orig_save: Callable[..., Any] | None = None
+
+    # --------------------------------------------------------- the training clock
+    def _start(self) -> None:
+        if self._run_since is None:
+            self._run_since = time.perf_counter()
+
+    def _stop(self) -> None:
+        if self._run_since is not None:
+            self.train_s += time.perf_counter() - self._run_since
+            self._run_since = None
+
+    def train_time(self) -> float:
+        """Training seconds so far (the running interval included)."""
+        running = time.perf_counter() - self._run_since if self._run_since is not None else 0.0
+        return self.train_s + running
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.t0 = time.perf_counter()
+        self.train_s = self.val_s = 0.0
+        self._run_since = self._val_since = None
+        if self._orig_save is None:  # checkpoint writes stop the training clock
+            self._orig_save = trainer.save_checkpoint
+            orig = self._orig_save
+
+            @functools.wraps(orig)
+            def save_checkpoint(*args, **kwargs):
+                running = self._run_since is not None
+                self._stop()
+                try:
+                    return orig(*args, **kwargs)
+                finally:
+                    if running:
+                        self._start()
+
+            trainer.save_checkpoint = save_checkpoint
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._stop()
+        if self._orig_save is not None:
+            trainer.save_checkpoint = self._orig_save
+            self._orig_save = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_fit_end(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._batches = 0
+        self._start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop()
+        self._val_since = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._val_since is not None:
+            self.val_s += time.perf_counter() - self._val_since
+            self._val_since = None
+        n = trainer.num_training_batches
+        if (
+            trainer.training
+            and not trainer.should_stop
+            and isinstance(n, int)
+            and 0 < self._batches < n
+        ):
+            self._start()  # validation inside an epoch (val_check_interval < 1)
+        self._summary(trainer)
+
+    def epochs_done(self, trainer) -> float:
+        """Training epochs done: ``current_epoch`` plus the fraction of this one."""
+        n = trainer.num_training_batches
+        frac = self._batches / n if isinstance(n, int) and n > 0 else 0.0
+        return trainer.current_epoch + min(frac, 1.0)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self.t0 is None:
             return
-        # wall-clock since the start of fit, in the same row as the validation metrics
-        # (rlekf-report: time to a target RMSE, learning curves against time)
-        pl_module.log(
-            "time/elapsed_s", time.perf_counter() - self.t0, on_step=False, on_epoch=True
-        )
+        # clocks in the same row as the validation metrics (rlekf-report, rlekf-bench)
+        now = time.perf_counter()
+        for key, value in (
+            ("time/elapsed_s", now - self.t0),
+            ("time/train_s", self.train_time()),
+            ("time/val_s", self.val_s + (now - self._val_since if self._val_since else 0.0)),
+            ("time/epochs", self.epochs_done(trainer)),
+        ):
+            pl_module.log(key, value, on_step=False, on_epoch=True)
 
     @rank_zero_only
-    def on_validation_end(self, trainer, pl_module) -> None:
+    def _summary(self, trainer) -> None:
         if trainer.sanity_checking or self.t0 is None:
             return
         m = trainer.callback_metrics
