@@ -85,14 +85,23 @@ class DPCalculator(Calculator):
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_checkpoint(
-        cls, path: PathLike, device: str | torch.device = "cpu", **kwargs: Any
+        cls,
+        path: PathLike,
+        device: str | torch.device = "cpu",
+        *,
+        trust_checkpoint: bool = False,
+        **kwargs: Any,
     ) -> DPCalculator:
         """Calculator from a Lightning checkpoint written by ``rlekf-train``.
 
+        The file is read with ``weights_only=True`` (no code from the file runs); set
+        ``trust_checkpoint=True`` only for a file of trusted origin that needs full unpickling.
+
         Raises:
-            ValueError: not an rlekf checkpoint (see :func:`rlekf.export.load_checkpoint`).
+            ValueError: not an rlekf checkpoint, or one that needs full unpickling without
+                ``trust_checkpoint`` (see :func:`rlekf.export.load_checkpoint`).
         """
-        model, config = load_checkpoint(path, device)
+        model, config = load_checkpoint(path, device, trust_checkpoint=trust_checkpoint)
         return cls(
             model,
             type_map=config["type_map"],

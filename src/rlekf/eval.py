@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """
     device = cfg.get("device", "cpu")
     ckpt = Path(str(cfg.ckpt_path))
-    model, config = load_checkpoint(ckpt, device)
+    trust = bool(cfg.get("trust_checkpoint", False))
+    model, config = load_checkpoint(ckpt, device, trust_checkpoint=trust)
     log.info("model from %s: %s", ckpt, config)
     model_keys = ("type_map", "rcut", "rcut_smth", "sel", "dtype")
     datamodule = hydra.utils.instantiate(cfg.data, **{k: config[k] for k in model_keys})
@@ -100,8 +102,17 @@ def _log(cfg: DictConfig, metrics: dict[str, float], paths: dict[str, Path]) -> 
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> Any:
+def _app(cfg: DictConfig) -> Any:
     evaluate(cfg)
+
+
+def main() -> Any:
+    """``rlekf-eval ckpt_path=... [overrides]``.
+
+    ``--trust-checkpoint`` is accepted as the override ``trust_checkpoint=true``.
+    """
+    sys.argv = ["trust_checkpoint=true" if a == "--trust-checkpoint" else a for a in sys.argv]
+    return _app()
 
 
 os.environ.setdefault("WANDB_MODE", "offline")

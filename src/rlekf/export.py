@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import os
 import pickle
 import warnings
@@ -54,6 +55,7 @@ __all__ = [
     "FORMAT_VERSION",
     "META_FILE",
     "READABLE_VERSIONS",
+    "UntrustedCheckpointError",
     "export_model",
     "load_checkpoint",
     "load_exported",
@@ -71,47 +73,92 @@ META_FILE: str = "rlekf.json"
 
 PathLike = str | os.PathLike
 
+log = logging.getLogger(__name__)
+
 
 # ------------------------------------------------------------------------------ checkpoints
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint needs full unpickling (which can run code) and was not marked trusted."""
+
+
+def _torch_load(path: Path, trust_checkpoint: bool) -> Any:
+    """``torch.load`` with ``weights_only=True``; full unpickling only when trusted."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = exc
+    except Exception as exc:  # noqa: BLE001 - any other failure means "not a torch file"
+        raise _unreadable(path, exc) from exc
+    if not trust_checkpoint:
+        raise UntrustedCheckpointError(
+            f"refusing to load {path}: it holds objects that only full unpickling rebuilds "
+            f"({_reason(refused)}), and full unpickling can run arbitrary code "
+            "from the file. Checkpoints written by rlekf-train never need it. If you trust "
+            "where the file comes from, pass trust_checkpoint=True (--trust-checkpoint on the "
+            "command line, trust_checkpoint=true for rlekf-eval)"
+        ) from refused
+    log.warning(
+        "%s is not loadable with weights_only=True (%s); unpickling it in full because "
+        "trust_checkpoint is set",
+        path,
+        _reason(refused),
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise _unreadable(path, exc) from exc
+
+
+def _reason(exc: Exception) -> str:
+    """The line of torch's weights_only refusal that names the offending global."""
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". ")[0].strip()
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _unreadable(path: Path, exc: Exception) -> ValueError:
+    return ValueError(
+        f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: {exc}); give a "
+        ".ckpt written by rlekf-train (for an exported model use load_exported / "
+        "DPCalculator.from_file)"
+    )
+
+
 def load_checkpoint(
-    path: PathLike, device: str | torch.device = "cpu"
+    path: PathLike, device: str | torch.device = "cpu", *, trust_checkpoint: bool = False
 ) -> tuple[DeepPotential, dict[str, Any]]:
     """Rebuild the trained :class:`DeepPotential` of a Lightning checkpoint.
 
     The model is built from the checkpoint's ``model_config`` (not from any Hydra config), so a
     checkpoint of any size, cutoff or type map loads.
 
-    The file is first read with ``weights_only=True``; a checkpoint that also holds numpy
-    state (e.g. RLEKF's) is then read in full, as Lightning does: load only trusted files.
+    The file is read with ``torch.load(..., weights_only=True)``, which only rebuilds tensors,
+    numbers, strings and containers and never runs code from the file; everything rlekf writes
+    loads this way. A file that needs full unpickling is refused unless ``trust_checkpoint`` is
+    true: unpickling can execute arbitrary code, so a ``.ckpt`` from an unknown source must not
+    get it.
 
     Args:
         path: ``.ckpt`` file written by ``rlekf-train``.
         device: where to put the model.
+        trust_checkpoint: allow full unpickling when ``weights_only`` refuses the file (only
+            for files whose origin you trust).
 
     Returns:
         The model in eval mode and the checkpoint's ``model_config``.
 
     Raises:
         FileNotFoundError: no such file.
+        UntrustedCheckpointError: the file holds objects that only full unpickling rebuilds,
+            and ``trust_checkpoint`` is false.
         ValueError: the file is not an rlekf training checkpoint, or its weights do not fit
             its ``model_config``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; give the path of a .ckpt file")
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Lightning checkpoints may hold numpy arrays (optimizer/updater state); like
-            # Lightning's own resume, read them in full (only load checkpoints you trust)
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not usable"
-        raise ValueError(
-            f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: {exc}); give a "
-            ".ckpt written by rlekf-train (for an exported model use load_exported / "
-            "DPCalculator.from_file)"
-        ) from exc
+    ckpt = _torch_load(path, trust_checkpoint)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "state_dict" not in ckpt:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(
@@ -198,12 +245,15 @@ def _metadata(model: DeepPotential, config: dict[str, Any], source: str) -> dict
     }
 
 
-def export_model(model: DeepPotential | PathLike, out: PathLike) -> Path:
+def export_model(
+    model: DeepPotential | PathLike, out: PathLike, *, trust_checkpoint: bool = False
+) -> Path:
     """Script a trained model and save it as a self-contained TorchScript file.
 
     Args:
         model: a trained :class:`DeepPotential` or the path of a checkpoint.
         out: output file (conventionally ``.pt``); parent folders are created.
+        trust_checkpoint: see :func:`load_checkpoint`.
 
     Returns:
         The path written.
@@ -211,7 +261,7 @@ def export_model(model: DeepPotential | PathLike, out: PathLike) -> Path:
     source = "<memory>"
     if isinstance(model, (str, os.PathLike)):
         source = str(model)
-        model, config = load_checkpoint(model)
+        model, config = load_checkpoint(model, trust_checkpoint=trust_checkpoint)
     else:
         config = dict(model.config)
     model = copy.deepcopy(model).to("cpu").eval()
@@ -293,10 +343,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "-o", "--output", default=None, help="output file (default: <checkpoint stem>.pt)"
     )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow full unpickling of a checkpoint that weights_only loading refuses (it can "
+        "run code from the file: only for files you trust; rlekf's own never need it)",
+    )
     args = parser.parse_args(argv)
     ckpt = Path(args.checkpoint)
     out = Path(args.output) if args.output else ckpt.with_suffix(".pt")
-    path = export_model(ckpt, out)
+    path = export_model(ckpt, out, trust_checkpoint=args.trust_checkpoint)
     _, meta = load_exported(path)
     print(
         f"exported {ckpt} -> {path} (format {meta['format_version']}, type_map "

@@ -23,6 +23,11 @@ __all__ = ["MDResult", "cu_supercell", "load_calculator", "main", "run_nve"]
 
 PathLike = str | os.PathLike
 
+TRUST_HELP = (
+    "allow full unpickling of a .ckpt that weights_only loading refuses (it can run code "
+    "from the file: only for files you trust; rlekf's own checkpoints never need it)"
+)
+
 
 @dataclass
 class MDResult:
@@ -59,17 +64,18 @@ def cu_supercell(size: int = 3, a: float = 3.61) -> Any:
     return bulk("Cu", "fcc", a=a, cubic=True).repeat(size)
 
 
-def load_calculator(path: PathLike, device: str = "cpu") -> Any:
+def load_calculator(path: PathLike, device: str = "cpu", trust_checkpoint: bool = False) -> Any:
     """A :class:`~rlekf.calculator.DPCalculator` from a ``.ckpt`` checkpoint or exported file.
 
-    Files ending in ``.ckpt`` are read as Lightning checkpoints, anything else as exported
+    Files ending in ``.ckpt`` are read as Lightning checkpoints (``weights_only``, unless
+    ``trust_checkpoint``; see :func:`rlekf.export.load_checkpoint`), anything else as exported
     TorchScript.
     """
     from rlekf.calculator import DPCalculator
 
     path = Path(path)
     if path.suffix == ".ckpt":
-        return DPCalculator.from_checkpoint(path, device=device)
+        return DPCalculator.from_checkpoint(path, device=device, trust_checkpoint=trust_checkpoint)
     return DPCalculator.from_file(path, device=device)
 
 
@@ -190,8 +196,9 @@ def main(argv: list[str] | None = None) -> MDResult:
     parser.add_argument("--traj", default="md.extxyz", help="extxyz output ('' for none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
-    calc = load_calculator(args.model, args.device)
+    calc = load_calculator(args.model, args.device, args.trust_checkpoint)
     atoms = cu_supercell(args.size, args.a)
     res = run_nve(
         atoms,

@@ -82,6 +82,12 @@ def test_calculator_and_export_equal_the_trained_module(trained, exported):
         start += n
 
 
+def test_training_checkpoint_loads_with_weights_only(trained):
+    # everything rlekf-train writes rebuilds without full unpickling (no code from the file)
+    ckpt = torch.load(trained[0], map_location="cpu", weights_only=True)
+    assert {"state_dict", "model_config", "optimizer_states", "rng_states"} <= set(ckpt)
+
+
 def test_nve_conserves_energy(trained, exported, tmp_path):
     from ase.io import read
 
