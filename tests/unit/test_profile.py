@@ -196,6 +196,23 @@ def test_epoch_summary_training_clock_excludes_validation_and_checkpoints(tmp_pa
     assert not math.isnan(train_s)
 
 
+def test_epoch_summary_clock_runs_again_after_a_validation_inside_an_epoch(tmp_path):
+    summary, rec = EpochSummary(), Record()
+    module = Tiny()
+    train = DataLoader(SlowData(4), batch_size=1)
+    val = DataLoader(SlowData(2, sleep=0.0), batch_size=1)
+    trainer = _trainer(
+        [summary, rec], tmp_path, max_epochs=1, limit_val_batches=2, val_check_interval=2
+    )
+    trainer.fit(module, train, val)
+    # validations after batches 2 and 4; the clock ran through all 4 training steps
+    assert [r["time/epochs"] for r in rec.rows] == pytest.approx([0.5, 1.0])
+    per_step = DATA_S + FWD_S + OPT_S + REST_S
+    assert rec.rows[0]["time/train_s"] >= 2 * per_step
+    assert rec.rows[1]["time/train_s"] >= 4 * per_step
+    assert rec.rows[1]["time/val_s"] >= 4 * VAL_S
+
+
 def test_profile_on_tiny_emt(tmp_path, data_dir):
     from rlekf.profile import PARTS, format_profile, profile
     from tests.helpers.hydra import FAST_DATA

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from rlekf import keys as K
@@ -114,7 +115,8 @@ class EpochSummary(L.Callback):
             self._val_since = None
         n = trainer.num_training_batches
         if (
-            trainer.training
+            trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
             and not trainer.should_stop
             and isinstance(n, int)
             and 0 < self._batches < n
