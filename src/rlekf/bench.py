@@ -225,6 +225,7 @@ def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
                             key = f"{q}_{crit}_{who}_{what}"
                             row[key], row[f"{key}_std"], row[f"{key}_n"] = m, sd, n
                         row[f"{q}_{crit}_{who}_epochs_run"] = mean_std([v[1] for v in side])[0]
+                        row[f"{q}_{crit}_{who}_s_run"] = mean_std([v[3] for v in side])[0]
                     for what, i, j in (("epoch", 0, 1), ("time", 2, 3)):
                         ratio = ratio_of_means(
                             [v[i] for v in a_side],
@@ -593,8 +594,9 @@ def _reach_cell(row: dict[str, Any], key: str, what: str, spec: str) -> str:
     that reached it, ``(n/N)`` when not all did, ``never (ran x)`` when none did."""
     n, of = row[f"{key}_{what}_n"], row["seeds"]
     if n == 0:
-        ran = row[f"{key}_epochs_run"]
-        return f"never (ran {ran:.3g} epochs)"
+        if what == "s":
+            return f"never (ran {row[f'{key}_s_run']:.0f} s)"
+        return f"never (ran {row[f'{key}_epochs_run']:.3g} epochs)"
     m, sd = row[f"{key}_{what}"], row[f"{key}_{what}_std"]
     text = format(m, spec) if math.isnan(sd) else f"{format(m, spec)} ± {format(sd, spec)}"
     return text + (f" ({n}/{of})" if n < of else "")

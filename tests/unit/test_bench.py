@@ -118,7 +118,10 @@ def test_rlekf_missing_a_target_adam_reaches_gives_an_upper_bound(tmp_path):
     assert r.bound == "<=" and r.value == pytest.approx(4 / 3) and str(r) == "≤ 1.33×"
     assert row["force_stay_time_ratio"].value == pytest.approx(4.0 / 15.0)
     md = write_report(tmp_path / "out", "cu", 10, [adam, rlekf], [row], [])
-    assert "never (ran 3 epochs) (≤ 1.33×)" in md.read_text()
+    text = md.read_text()
+    assert (
+        "4 / never (ran 3 epochs) (≤ 1.33×)" in text and "4 / never (ran 15 s) (≤ 0.267×)" in text
+    )
 
 
 def test_seeds_mean_std_and_ratio_of_means(tmp_path):
