@@ -11,10 +11,12 @@ from omegaconf import DictConfig, open_dict
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
-# a small and fast variant of the embedded EMT Cu data (32-atom cells)
+# a small and fast variant of the embedded EMT Cu data (32-atom cells): 8 blocks of 6 frames,
+# not stratified by temperature (36 training, 6 validation, 6 test frames)
 FAST_DATA = [
     "data.path.n_frames=48",
     "data.path.size=2",
+    "data.strata=1",
     "data.n_blocks=8",
     "data.val_fraction=0.125",
     "data.test_fraction=0.125",

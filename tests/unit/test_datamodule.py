@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -181,3 +182,126 @@ def test_frame_dataclass_roundtrip():
         forces=np.zeros((1, 3)),
     )
     assert f.to_atoms().get_potential_energy() == -1.0
+
+
+# --------------------------------------------------------------------------- honest splits
+def _placeholders(n, source="gen"):
+    """Stand-ins for frames: the split only looks at ``source``."""
+    return [SimpleNamespace(source=source, index=i) for i in range(n)]
+
+
+def test_stratified_blocks_hold_out_the_same_share_of_every_part():
+    # 4 parts of 30 frames, 6 blocks of 5 per part; 1 validation and 1 test block per part
+    idx = split_frames(_placeholders(120), "blocks", 0.15, 0.15, n_blocks=6, seed=3, strata=4)
+    assert sorted(idx["train"] + idx["val"] + idx["test"]) == list(range(120))
+    for name in ("val", "test"):
+        parts = [i // 30 for i in idx[name]]
+        assert [parts.count(k) for k in range(4)] == [5, 5, 5, 5], name
+        for k in range(4):  # one whole block of 5 consecutive frames
+            mine = [i for i in idx[name] if i // 30 == k]
+            assert mine == list(range(mine[0], mine[0] + 5)) and mine[0] % 5 == 0
+    # stratified random: the same count of single frames from every part
+    rnd = split_frames(_placeholders(120), "random", 0.1, 0.1, n_blocks=1, seed=0, strata=4)
+    assert [sum(i // 30 == k for i in rnd["test"]) for k in range(4)] == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="strata"):
+        split_frames(_placeholders(12), "files", 0.1, 0.1, n_blocks=1, seed=0, strata=2)
+    with pytest.raises(DataError, match=r"part 1/2 of gen \(6 frames\)"):
+        split_frames(_placeholders(12), "blocks", 0.3, 0.3, n_blocks=2, seed=0, strata=2)
+
+
+def test_strata_1_keeps_the_unstratified_split():
+    """Existing runs re-derive the same split from their seed."""
+    frames = _placeholders(40, "a") + _placeholders(20, "b")
+    for mode in ("blocks", "random"):
+        a = split_frames(frames, mode, 0.2, 0.1, n_blocks=5, seed=7)
+        b = split_frames(frames, mode, 0.2, 0.1, n_blocks=5, seed=7, strata=1)
+        assert a == b
+
+
+def test_emt_default_validation_and_test_cover_every_temperature(tmp_path):
+    """data=cu_emt: each split holds every temperature, validation and test in equal shares.
+
+    The generated set is ordered by temperature; before stratification the block split gave
+    the validation and the test split one (strain, temperature) run each.
+    """
+    from rlekf.data.emt import frame_conditions
+    from tests.helpers.hydra import compose_cfg
+
+    cfg = compose_cfg("train", [], tmp_path).data
+    n = int(cfg.path.n_frames)
+    temps = [t for t, _ in frame_conditions(n)]
+    idx = split_frames(
+        _placeholders(n),
+        cfg.split,
+        cfg.val_fraction,
+        cfg.test_fraction,
+        cfg.n_blocks,
+        int(cfg.seed),
+        int(cfg.strata),
+    )
+    everything = sorted(set(temps))
+    assert len(everything) == 4
+    for name in ("train", "val", "test"):
+        got = [temps[i] for i in idx[name]]
+        assert sorted(set(got)) == everything, name
+        if name != "train":
+            assert len({got.count(t) for t in everything}) == 1, (name, got)
+    assert len(idx["val"]) == len(idx["test"]) == n // 12
+
+
+def test_every_preset_has_an_explicit_test_split(tmp_path):
+    from tests.helpers.hydra import compose_cfg
+
+    for preset in ("cu_emt", "cu_pwmat", "si_mlearn", "water_deepmd"):
+        d = compose_cfg("train", [f"data={preset}"], tmp_path).data
+        held_out = d.get("test_path") is not None or (d.split != "none" and d.test_fraction > 0)
+        assert held_out, preset
+    si = compose_cfg("train", ["data=si_mlearn"], tmp_path).data
+    assert si.test_path.endswith("si_mlearn/test.extxyz") and si.get("val_path") is None
+
+
+def test_cu_pwmat_tests_on_the_end_of_the_500K_run_apart_from_validation(shared_data, tmp_path):
+    import hydra
+
+    from tests.helpers.hydra import compose_cfg
+
+    cfg = compose_cfg("train", ["data=cu_pwmat"], tmp_path)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")
+    train, val, test = (dm.datasets[k] for k in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (100, 70, 20)
+    assert test is not val
+    v = dm._read(dm.val_paths)  # the whole 500 K run
+    assert len(v) == 100
+    e_val = sorted(float(it[K.ENERGY][0]) for it in val.items)
+    e_test = sorted(float(it[K.ENERGY][0]) for it in test.items)
+    assert e_val == sorted(f.energy for f in v[:70])
+    assert e_test == sorted(f.energy for f in v[80:])
+
+
+def test_held_out_frame_ranges_are_checked(tmp_path, xyz_files):
+    kw = dict(path=xyz_files[0], type_map=["Cu"], rcut=5.0, sel=[60], split="none")
+    dm = AtomsDataModule(
+        val_path=xyz_files[1], val_frames=[0, 6], test_path=xyz_files[1], test_frames="8:12", **kw
+    )
+    dm.setup("fit")
+    assert len(dm.datasets["val"]) == 6 and len(dm.datasets["test"]) == 4
+    with pytest.raises(ValueError, match="overlap the validation frames"):
+        AtomsDataModule(val_path=xyz_files[1], test_path=xyz_files[1], **kw)
+    with pytest.raises(ValueError, match="overlap the validation frames"):
+        AtomsDataModule(
+            val_path=xyz_files[1],
+            val_frames=[0, 6],
+            test_path=xyz_files[1],
+            test_frames=[5, 9],
+            **kw,
+        )
+    with pytest.raises(ValueError, match="also in data.path"):
+        AtomsDataModule(val_path=xyz_files[1], test_path=xyz_files[0], **kw)
+    with pytest.raises(ValueError, match="test_frames needs data.test_path"):
+        AtomsDataModule(val_path=xyz_files[1], test_frames=[0, 2], **kw)
+    with pytest.raises(ValueError, match="start < stop"):
+        AtomsDataModule(val_path=xyz_files[1], val_frames=[6, 6], **kw)
+    dm = AtomsDataModule(val_path=xyz_files[1], val_frames=[0, 13], **kw)
+    with pytest.raises(DataError, match="up to 12 but .*run2.extxyz.* hold 12 frames"):
+        dm.setup("fit")

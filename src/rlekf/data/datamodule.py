@@ -6,8 +6,12 @@ Splits (``split=``):
   train/val/test (MD trajectories: consecutive frames never straddle two splits);
 - ``files``: whole files assigned to splits;
 - ``none``: every frame of ``path`` is training data; ``val_path``/``test_path`` give the others.
-Explicit ``val_path``/``test_path`` always win over the fractions. The split is written to
-``<split_dir>/split.json`` and re-used from there (so a resumed run sees the same split).
+Explicit ``val_path``/``test_path`` always win over the fractions; ``val_frames``/``test_frames``
+keep a range of their frames (e.g. two ranges of one file, apart by a gap). ``strata > 1``
+(``random`` and ``blocks``) cuts each file into that many equal consecutive parts (conditions,
+e.g. the temperatures of the generated EMT set) and gives validation and test the same share
+of every part. The split is written to ``<split_dir>/split.json`` and re-used from there (so a
+resumed run sees the same split).
 """
 
 from __future__ import annotations
@@ -45,36 +49,10 @@ def _as_list(path: PathLike | Sequence[PathLike] | None) -> list[str]:
     return [str(p) for p in path]
 
 
-def split_frames(
-    frames: Sequence[Frame],
-    mode: str,
-    val_fraction: float,
-    test_fraction: float,
-    n_blocks: int,
-    seed: int,
-) -> dict[str, list[int]]:
-    """Indices of ``frames`` for train/val/test according to ``mode`` (see module docstring)."""
-    n = len(frames)
-    rng = np.random.default_rng(seed)
-    if mode == "none":
-        return {"train": list(range(n)), "val": [], "test": []}
-    if mode == "random":
-        units = [[i] for i in range(n)]
-    elif mode in ("blocks", "files"):
-        by_source: dict[str, list[int]] = {}
-        for i, f in enumerate(frames):
-            by_source.setdefault(f.source, []).append(i)
-        units = []
-        for idx in by_source.values():
-            if mode == "files":
-                units.append(idx)
-            else:
-                for chunk in np.array_split(np.asarray(idx), min(n_blocks, len(idx))):
-                    units.append(chunk.tolist())
-    else:
-        raise ValueError(f"split must be one of random, blocks, files, none; got {mode!r}")
-    order = rng.permutation(len(units)).tolist()
-    n_units = len(units)
+def _held_out_counts(
+    n_units: int, val_fraction: float, test_fraction: float, what: str
+) -> tuple[int, int]:
+    """Units for validation and test out of ``n_units`` (at least one each when asked for)."""
     n_val = int(round(val_fraction * n_units)) if val_fraction > 0 else 0
     n_test = int(round(test_fraction * n_units)) if test_fraction > 0 else 0
     if val_fraction > 0:
@@ -83,14 +61,93 @@ def split_frames(
         n_test = max(n_test, 1)
     if n_val + n_test >= n_units:
         raise DataError(
-            f"cannot split {n} frames in {n_units} {mode} units into train/val/test with "
-            f"val_fraction={val_fraction}, test_fraction={test_fraction}: the training split "
-            "would be empty; add data, lower the fractions or give val_path/test_path"
+            f"cannot split {what} into train/val/test with val_fraction={val_fraction}, "
+            f"test_fraction={test_fraction}: the training split would be empty; add data, "
+            "lower the fractions or give val_path/test_path"
         )
-    val = sorted(i for u in order[:n_val] for i in units[u])
-    test = sorted(i for u in order[n_val : n_val + n_test] for i in units[u])
-    train = sorted(i for u in order[n_val + n_test :] for i in units[u])
-    return {"train": train, "val": val, "test": test}
+    return n_val, n_test
+
+
+def split_frames(
+    frames: Sequence[Frame],
+    mode: str,
+    val_fraction: float,
+    test_fraction: float,
+    n_blocks: int,
+    seed: int,
+    strata: int = 1,
+) -> dict[str, list[int]]:
+    """Indices of ``frames`` for train/val/test according to ``mode`` (see module docstring).
+
+    Args:
+        strata: for ``random`` and ``blocks``, cut the frames of each file into this many
+            equal consecutive parts and hold out ``val_fraction``/``test_fraction`` of the
+            units (frames or blocks) of every part; ``n_blocks`` is then per part.
+    """
+    n = len(frames)
+    rng = np.random.default_rng(seed)
+    if isinstance(strata, bool) or not isinstance(strata, int) or strata < 1:
+        raise ValueError(f"strata must be an integer >= 1, got {strata!r}")
+    if mode == "none":
+        return {"train": list(range(n)), "val": [], "test": []}
+    if mode not in ("random", "blocks", "files"):
+        raise ValueError(f"split must be one of random, blocks, files, none; got {mode!r}")
+    if strata > 1 and mode == "files":
+        raise ValueError(f"strata={strata} applies to split=random or blocks, not {mode!r}")
+    by_source: dict[str, list[int]] = {}
+    for i, f in enumerate(frames):
+        by_source.setdefault(f.source, []).append(i)
+    # groups of units; validation and test take their share of every group
+    groups: list[tuple[str, list[list[int]]]] = []
+    if strata == 1:
+        if mode == "random":
+            units = [[i] for i in range(n)]
+        elif mode == "files":
+            units = list(by_source.values())
+        else:
+            units = [
+                chunk.tolist()
+                for idx in by_source.values()
+                for chunk in np.array_split(np.asarray(idx), min(n_blocks, len(idx)))
+            ]
+        groups.append((f"{n} frames in {len(units)} {mode} units", units))
+    else:
+        for source, idx in by_source.items():
+            if len(idx) < strata:
+                raise DataError(f"{source}: {len(idx)} frames cannot form strata={strata} parts")
+            for k, part in enumerate(np.array_split(np.asarray(idx), strata)):
+                if mode == "random":
+                    units = [[int(i)] for i in part]
+                else:
+                    units = [c.tolist() for c in np.array_split(part, min(n_blocks, len(part)))]
+                what = f"part {k + 1}/{strata} of {source} ({len(part)} frames)"
+                groups.append((what, units))
+    val: list[int] = []
+    test: list[int] = []
+    train: list[int] = []
+    for what, units in groups:
+        n_val, n_test = _held_out_counts(len(units), val_fraction, test_fraction, what)
+        order = rng.permutation(len(units)).tolist()
+        val += [i for u in order[:n_val] for i in units[u]]
+        test += [i for u in order[n_val : n_val + n_test] for i in units[u]]
+        train += [i for u in order[n_val + n_test :] for i in units[u]]
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def _frame_range(spec: Any, name: str) -> tuple[int, int] | None:
+    """``[start, stop]`` or ``"start:stop"`` (0-based, stop excluded) -> ``(start, stop)``."""
+    if spec is None:
+        return None
+    parts = spec.split(":") if isinstance(spec, str) else list(spec)
+    try:
+        start, stop = (int(x) for x in parts)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"data.{name} must be [start, stop] or 'start:stop' (frame indices), got {spec!r}"
+        ) from None
+    if not 0 <= start < stop:
+        raise ValueError(f"data.{name} needs 0 <= start < stop, got {spec!r}")
+    return start, stop
 
 
 class AtomsDataModule(L.LightningDataModule):
@@ -106,10 +163,17 @@ class AtomsDataModule(L.LightningDataModule):
         fmt: reader format, ``auto`` by default.
         val_path: explicit validation data (overrides ``val_fraction``).
         test_path: explicit test data (overrides ``test_fraction``).
+        val_frames: keep only frames ``[start, stop)`` of ``val_path`` (``[start, stop]`` or
+            ``"start:stop"``; indices over the frames of all ``val_path`` files in order).
+        test_frames: the same for ``test_path``. Validation and test frames may come from one
+            file but must not overlap, and neither may be a training file.
         split: ``random`` | ``blocks`` | ``files`` | ``none``.
         val_fraction: share of split units for validation.
         test_fraction: share of split units for testing.
-        n_blocks: contiguous blocks per file for ``split=blocks``.
+        n_blocks: contiguous blocks per file (per part when ``strata > 1``) for
+            ``split=blocks``.
+        strata: equal consecutive parts per file that validation and test each sample
+            (``split=random|blocks``; 1 = none).
         batch_size: training frames per batch (frames of one batch share an atom count).
         eval_batch_size: frames per validation/test batch.
         use_virial: read virial labels when the format has them.
@@ -133,10 +197,13 @@ class AtomsDataModule(L.LightningDataModule):
         fmt: str = "auto",
         val_path: PathLike | Sequence[PathLike] | None = None,
         test_path: PathLike | Sequence[PathLike] | None = None,
+        val_frames: Sequence[int] | str | None = None,
+        test_frames: Sequence[int] | str | None = None,
         split: str = "random",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         n_blocks: int = 10,
+        strata: int = 1,
         batch_size: int = 1,
         eval_batch_size: int = 8,
         use_virial: bool = True,
@@ -163,6 +230,16 @@ class AtomsDataModule(L.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.n_blocks = int(n_blocks)
+        self.strata = int(strata)
+        self.val_frames = _frame_range(val_frames, "val_frames")
+        self.test_frames = _frame_range(test_frames, "test_frames")
+        for name, paths, rng_ in (
+            ("val_frames", self.val_paths, self.val_frames),
+            ("test_frames", self.test_paths, self.test_frames),
+        ):
+            if rng_ is not None and not paths:
+                raise ValueError(f"data.{name} needs data.{name[:-7]}_path")
+        self._check_held_out_files()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)
         self.use_virial = use_virial
@@ -187,6 +264,36 @@ class AtomsDataModule(L.LightningDataModule):
         self.skipped += report.n_skipped
         return frames
 
+    def _check_held_out_files(self) -> None:
+        """Validation/test files are not training files, and test frames are not validation's."""
+        train = {Path(p).resolve() for p in self.paths}
+        for name, paths in (("val_path", self.val_paths), ("test_path", self.test_paths)):
+            both = sorted(str(p) for p in {Path(q).resolve() for q in paths} & train)
+            if both:
+                raise ValueError(f"data.{name} {both} is also in data.path (training data)")
+        same = {Path(p).resolve() for p in self.val_paths} & {
+            Path(p).resolve() for p in self.test_paths
+        }
+        if same:
+            v, t = self.val_frames, self.test_frames
+            if v is None or t is None or (v[0] < t[1] and t[0] < v[1]):
+                raise ValueError(
+                    f"the test frames overlap the validation frames in {sorted(map(str, same))}: "
+                    f"give disjoint data.val_frames and data.test_frames (got {v}, {t})"
+                )
+
+    def _read_range(self, paths: list[str], rng_: tuple[int, int] | None, name: str):
+        frames = self._read(paths)
+        if rng_ is None:
+            return frames
+        start, stop = rng_
+        if stop > len(frames):
+            raise DataError(
+                f"data.{name}={list(rng_)} asks for frames up to {stop - 1} but {paths} "
+                f"hold {len(frames)} frames"
+            )
+        return frames[start:stop]
+
     def _resolve_split(self, frames: list[Frame]) -> dict[str, list[int]]:
         split_file = self.split_dir / "split.json" if self.split_dir else None
         keys = [[f.source, f.index] for f in frames]
@@ -208,7 +315,8 @@ class AtomsDataModule(L.LightningDataModule):
         test_f = 0.0 if self.test_paths else self.test_fraction
         if mode == "none":
             val_f = test_f = 0.0
-        idx = split_frames(frames, mode, val_f, test_f, self.n_blocks, self.seed)
+        strata = 1 if mode == "none" else self.strata
+        idx = split_frames(frames, mode, val_f, test_f, self.n_blocks, self.seed, strata)
         if split_file is not None:
             payload = {name: [keys[i] for i in idx[name]] for name in ("train", "val", "test")}
             atomic_write_bytes(split_file, json.dumps(payload).encode())
@@ -224,9 +332,9 @@ class AtomsDataModule(L.LightningDataModule):
         idx = self._resolve_split(frames)
         parts: dict[str, list[Frame]] = {k: [frames[i] for i in v] for k, v in idx.items()}
         if self.val_paths:
-            parts["val"] = self._read(self.val_paths)
+            parts["val"] = self._read_range(self.val_paths, self.val_frames, "val_frames")
         if self.test_paths:
-            parts["test"] = self._read(self.test_paths)
+            parts["test"] = self._read_range(self.test_paths, self.test_frames, "test_frames")
         if not parts["train"]:
             raise DataError(f"the training split of {self.paths} is empty")
         if not parts["val"]:

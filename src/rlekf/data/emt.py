@@ -31,6 +31,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "cache_name",
     "ensure_cu_emt",
+    "frame_conditions",
     "generate_cu_emt",
     "load_cu_emt",
     "normalize_params",
@@ -43,6 +44,28 @@ _TIMESTEP_FS = 5.0  # MD time step (fs)
 _FRICTION_PER_FS = 0.02  # Langevin friction (1/fs)
 _SAMPLE_INTERVAL = 10  # MD steps between recorded frames (50 fs)
 _EQUILIBRATION_STEPS = 20  # MD steps before the first recorded frame of each block
+
+
+def _frames_per_block(n_frames: int, n_blocks: int) -> list[int]:
+    """Frames of each block: ``n_frames`` spread evenly, the first blocks one more."""
+    n_base, n_extra = divmod(n_frames, n_blocks)
+    return [n_base + (b < n_extra) for b in range(n_blocks)]
+
+
+def frame_conditions(
+    n_frames: int = 240,
+    temperatures: Sequence[float] = (300.0, 600.0, 900.0, 1200.0),
+    strains: Sequence[float] = (-0.02, 0.0, 0.02),
+) -> list[tuple[float, float]]:
+    """``(temperature K, strain)`` of every frame :func:`generate_cu_emt` records, in order.
+
+    Frames come in ``len(temperatures) * len(strains)`` consecutive blocks ordered by
+    (temperature, strain), so the temperatures occupy ``len(temperatures)`` consecutive,
+    nearly equal parts of the file (what ``AtomsDataModule(strata=...)`` stratifies on).
+    """
+    blocks = [(float(t), float(s)) for t in temperatures for s in strains]
+    per_block = _frames_per_block(n_frames, len(blocks))
+    return [c for c, k in zip(blocks, per_block, strict=True) for _ in range(k)]
 
 
 def generate_cu_emt(
@@ -109,8 +132,7 @@ def generate_cu_emt(
         raise ValueError("temperatures and a must be > 0 and random_strain >= 0")
 
     blocks = [(t, s) for t in temperatures for s in strains]
-    n_base, n_extra = divmod(n_frames, len(blocks))
-    per_block = [n_base + (b < n_extra) for b in range(len(blocks))]
+    per_block = _frames_per_block(n_frames, len(blocks))
     children = np.random.SeedSequence(seed).spawn(len(blocks))
     base = bulk("Cu", "fcc", a=a, cubic=True).repeat(size)
     dt = _TIMESTEP_FS * units.fs
