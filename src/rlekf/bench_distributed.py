@@ -227,7 +227,7 @@ def estimate_lines(n_gpus: int = 8, gib: float = 80.0) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--models", nargs="+", default=["Cu", "H2O"], choices=sorted(_MODELS))
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[bench-dist] wrote {md}")
     if not math.isfinite(sum(r["ms_per_update"] for r in rows)):
         raise SystemExit("non-finite timing")
+    return 0
 
 
 if __name__ == "__main__":

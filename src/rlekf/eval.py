@@ -106,16 +106,18 @@ def _app(cfg: DictConfig) -> Any:
     evaluate(cfg)
 
 
-def main() -> Any:
-    """``rlekf-eval ckpt_path=... [overrides]``.
+def main() -> int:
+    """``rlekf-eval ckpt_path=... [overrides]``; returns the exit status (0 on success).
 
-    ``--trust-checkpoint`` is accepted as the override ``trust_checkpoint=true``.
+    ``--trust-checkpoint`` is accepted as the override ``trust_checkpoint=true``. On an error
+    Hydra prints it and exits with status 1.
     """
     sys.argv = ["trust_checkpoint=true" if a == "--trust-checkpoint" else a for a in sys.argv]
-    return _app()
+    _app()
+    return 0
 
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -333,8 +334,13 @@ def load_exported(
 
 
 # ------------------------------------------------------------------------------ CLI
-def main(argv: list[str] | None = None) -> Path:
-    """``rlekf-export CKPT [-o OUT]``: write a TorchScript model next to the checkpoint."""
+def main(argv: list[str] | None = None) -> int:
+    """``rlekf-export CKPT [-o OUT]``: write a TorchScript model next to the checkpoint.
+
+    Returns:
+        The exit status: 0 on success, 1 (with a message on stderr) when the checkpoint cannot
+        be used.
+    """
     parser = argparse.ArgumentParser(
         prog="rlekf-export",
         description="Export a trained rlekf checkpoint as a self-contained TorchScript file.",
@@ -352,14 +358,18 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     ckpt = Path(args.checkpoint)
     out = Path(args.output) if args.output else ckpt.with_suffix(".pt")
-    path = export_model(ckpt, out, trust_checkpoint=args.trust_checkpoint)
-    _, meta = load_exported(path)
+    try:
+        path = export_model(ckpt, out, trust_checkpoint=args.trust_checkpoint)
+        _, meta = load_exported(path)
+    except (OSError, ValueError) as exc:
+        print(f"rlekf-export: error: {exc}", file=sys.stderr)
+        return 1
     print(
         f"exported {ckpt} -> {path} (format {meta['format_version']}, type_map "
         f"{meta['type_map']}, rcut {meta['rcut']} Å, sel {meta['sel']}, {meta['dtype']})"
     )
-    return path
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

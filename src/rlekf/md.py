@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,8 +179,13 @@ def run_nve(
     )
 
 
-def main(argv: list[str] | None = None) -> MDResult:
-    """``rlekf-md MODEL [options]``: NVE run on fcc Cu; prints the energy drift."""
+def main(argv: list[str] | None = None) -> int:
+    """``rlekf-md MODEL [options]``: NVE run on fcc Cu; prints the energy drift.
+
+    Returns:
+        The exit status: 0 on success, 1 (with a message on stderr) when the model cannot be
+        loaded or does not fit the cell (element, neighbour count).
+    """
     parser = argparse.ArgumentParser(
         prog="rlekf-md",
         description="NVE velocity-Verlet MD of fcc Cu with a trained checkpoint (.ckpt) or "
@@ -198,19 +204,23 @@ def main(argv: list[str] | None = None) -> MDResult:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
-    calc = load_calculator(args.model, args.device, args.trust_checkpoint)
-    atoms = cu_supercell(args.size, args.a)
-    res = run_nve(
-        atoms,
-        calc,
-        steps=args.steps,
-        timestep_fs=args.timestep,
-        temperature_K=args.temperature,
-        seed=args.seed,
-        interval=args.interval,
-        trajectory=args.traj or None,
-        progress=not args.no_progress,
-    )
+    try:
+        calc = load_calculator(args.model, args.device, args.trust_checkpoint)
+        atoms = cu_supercell(args.size, args.a)
+        res = run_nve(
+            atoms,
+            calc,
+            steps=args.steps,
+            timestep_fs=args.timestep,
+            temperature_K=args.temperature,
+            seed=args.seed,
+            interval=args.interval,
+            trajectory=args.traj or None,
+            progress=not args.no_progress,
+        )
+    except (OSError, ValueError) as exc:  # missing file, bad model, element or sel mismatch
+        print(f"rlekf-md: error: {exc}", file=sys.stderr)
+        return 1
     print(
         f"NVE {args.steps} steps x {args.timestep} fs, {res.n_atoms} atoms: "
         f"T {res.temperature[0]:.0f} -> {res.temperature[-1]:.0f} K, "
@@ -219,8 +229,8 @@ def main(argv: list[str] | None = None) -> MDResult:
     )
     if args.traj:
         print(f"trajectory: {args.traj}")
-    return res
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -117,13 +117,18 @@ def test_cli_export_and_md(trained, tmp_path, capsys):
     from rlekf.export import main as export_main
     from rlekf.md import main as md_main
 
-    out = export_main([str(trained[0]), "-o", str(tmp_path / "m.pt")])
+    out = tmp_path / "m.pt"
+    assert export_main([str(trained[0]), "-o", str(out)]) == 0
     assert out.exists()
-    res = md_main(
-        [str(out), "--size", "2", "--steps", "20", "--no-progress", "--traj", ""]
+    traj = tmp_path / "md.extxyz"
+    rc = md_main(
+        [str(out), "--size", "2", "--steps", "20", "--no-progress", "--traj", str(traj)]
         + ["--interval", "5"]
     )
-    assert len(res.time_ps) == 5
+    assert rc == 0
+    from ase.io import read
+
+    assert len(read(traj, index=":")) == 5
     assert "energy drift" in capsys.readouterr().out
 
 
