@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from rlekf.models import DeepPotential
-from rlekf.optim import RLEKF
+from rlekf.optim import RLEKF, state_covariance
 from tests.helpers.hydra import FAST_DATA
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def test_rlekf_ddp_sharded_checkpoint_and_exact_resume(tmp_path):
     assert len(ref.block_sizes) >= 3  # several blocks, so that both ranks own some
     opt_state = ckpt["optimizer_states"][0]
     assert "sharding" not in opt_state  # the gathered, single-process form
-    blocks = opt_state["state"][0]["P"]
+    blocks = state_covariance(opt_state)
     assert [b.shape[0] for b in blocks] == ref.block_sizes  # ALL blocks, not rank 0's
     assert opt_state["state"][0]["n_updates"] == 2 * BATCHES_PER_RANK * 5
     ref.load_state_dict(opt_state)  # loadable by a single process

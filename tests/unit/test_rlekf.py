@@ -325,16 +325,30 @@ def test_lambda_schedule_and_stats() -> None:
     assert len(stats["min_diag"]) == 5
 
 
+def _lower_tile_entries(n: int, tile: int) -> int:
+    """Entries (i, j) of an n x n matrix whose tile row is >= its tile column (brute force)."""
+    idx = np.arange(n) // tile
+    return int(np.count_nonzero(idx[:, None] >= idx[None, :]))
+
+
 def test_memory_accounting() -> None:
+    """P stores the tiles on and below the diagonal: about half of sum n_i**2."""
     cu = [25, 25, 625, 25, 625, 25, 20000, 50, 2500, 50, 50, 2500, 50, 50, 50, 1]
     sizes = [1350, 5120, 5120, 5120, 4640, 2650, 2651]
-    assert RLEKF.estimate_p_bytes(cu, 5120) == 8 * sum(n * n for n in sizes)
-    assert RLEKF.estimate_p_bytes(cu, 5120, "float32") == 4 * sum(n * n for n in sizes)
-    assert RLEKF.estimate_p_bytes(cu, None) == 8 * 26651**2  # 5.29 GiB GEKF
+    tri = sum(_lower_tile_entries(n, 256) for n in sizes)
+    assert RLEKF.estimate_p_bytes(cu, 5120) == 8 * tri
+    assert RLEKF.estimate_p_bytes(cu, 5120, "float32") == 4 * tri
+    assert tri < 0.53 * sum(n * n for n in sizes)  # one triangle + half the diagonal tiles
+    assert RLEKF.estimate_p_bytes(cu, 5120, tile=1) == 8 * sum(n * (n + 1) // 2 for n in sizes)
+    assert RLEKF.estimate_p_bytes(cu, None, tile=512) == 8 * _lower_tile_entries(26651, 512)
     model = _mlp(0)
-    opt = RLEKF(model.parameters(), block_size=6, p_dtype="float32")
-    assert opt.p_numel == 36 * 3 + 9 + 25 and opt.p_bytes == 4 * opt.p_numel
-    assert sum(p.numel() * p.element_size() for p in opt.covariance) == opt.p_bytes
+    opt = RLEKF(model.parameters(), block_size=6, p_dtype="float32", tile=4)
+    assert opt.p_numel == 36 * 3 + 9 + 25
+    expected = 4 * sum(_lower_tile_entries(n, 4) for n in opt.block_sizes)
+    assert opt.p_bytes == expected
+    _kf_step(model, opt, *_one_sample())
+    stored = opt.state_dict()["state"][0]["P"]
+    assert sum(p.numel() * p.element_size() for p in stored) == opt.p_bytes
     assert [b.numel for b in opt.blocks] == opt.block_sizes
 
 

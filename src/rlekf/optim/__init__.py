@@ -11,7 +11,7 @@ from rlekf.optim.functional import (
     symmetrize_,
 )
 from rlekf.optim.partition import Block, Segment, partition_parameters, partition_sizes
-from rlekf.optim.rlekf import RLEKF
+from rlekf.optim.rlekf import RLEKF, state_covariance
 
 __all__ = [
     "RLEKF",
@@ -25,5 +25,6 @@ __all__ = [
     "assign_blocks",
     "rlekf_update",
     "rlekf_update_rank_k",
+    "state_covariance",
     "symmetrize_",
 ]

@@ -17,7 +17,6 @@ Differences from that implementation:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -25,17 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlekf.optim.functional import (
-    RLEKFRankKUpdate,
-    rank_k_apply_,
-    rank_k_factors,
-    rank_k_gain,
-)
 from rlekf.optim.rlekf import (
     _GIB,
     _P,
+    _P_SCALE,
     RLEKF,
-    _flat,
 )
 
 __all__ = ["ShardedRLEKF", "assign_blocks"]
@@ -126,10 +119,10 @@ class ShardedRLEKF(RLEKF):
         *,
         process_group: Any = None,
         average_grads: bool = True,
-        max_p_bytes: int | None = None,
+        max_p_bytes: int | str | None = "auto",
         **kwargs: Any,
     ) -> None:
-        super().__init__(params, **kwargs)
+        super().__init__(params, max_p_bytes=None, **kwargs)
         if process_group is None and dist.is_available() and dist.is_initialized():
             process_group = dist.group.WORLD
         self._pg = process_group
@@ -141,11 +134,22 @@ class ShardedRLEKF(RLEKF):
         self.average_grads = bool(average_grads)
         self._assignment = assign_blocks([b.numel**2 for b in self._blocks], self._world)
         self._owned = tuple(i for i, r in enumerate(self._assignment) if r == self._rank)
-        if max_p_bytes is not None and (
-            isinstance(max_p_bytes, bool) or not isinstance(max_p_bytes, int) or max_p_bytes <= 0
+        if (
+            max_p_bytes is not None
+            and max_p_bytes != "auto"
+            and (
+                isinstance(max_p_bytes, bool)
+                or not isinstance(max_p_bytes, int)
+                or max_p_bytes <= 0
+            )
         ):
-            raise ValueError(f"Invalid max_p_bytes: {max_p_bytes!r} (expected int > 0 or None)")
-        if max_p_bytes is not None and self.p_bytes_local > max_p_bytes:
+            raise ValueError(
+                f"Invalid max_p_bytes: {max_p_bytes!r} (expected int > 0, 'auto' or None)"
+            )
+        self._max_p_bytes = max_p_bytes
+        if max_p_bytes == "auto":
+            self._check_memory()
+        elif max_p_bytes is not None and self.p_bytes_local > max_p_bytes:
             raise ValueError(
                 f"ShardedRLEKF: the covariance shard of rank {self._rank} would need "
                 f"{self.p_bytes_local / _GIB:.2f} GiB ({len(self._owned)} of "
@@ -176,175 +180,47 @@ class ShardedRLEKF(RLEKF):
 
     @property
     def p_numel_local(self) -> int:
-        """Elements of this rank's covariance blocks."""
+        """Entries of this rank's (logical) covariance blocks, ``sum n_i**2``."""
         return sum(self._blocks[i].numel ** 2 for i in self._owned)
 
     @property
     def p_bytes_local(self) -> int:
-        """Bytes of this rank's covariance blocks (allocated at the first step)."""
-        return self.p_numel_local * self.p_dtype.itemsize
+        """Bytes of this rank's stored covariance blocks (allocated at the first step)."""
+        return self._local_p_bytes()
 
     def _local_block_indices(self) -> Sequence[int]:
         """This rank's blocks: ``covariance`` holds their ``P_i`` in this order."""
-        return self._owned
+        return getattr(self, "_owned", range(len(self._blocks)))
 
     def _all_reduce_sum(self, t: Tensor) -> None:
         if self._world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._pg)
 
     # ------------------------------------------------------------------ update
-    # step() is RLEKF.step (closure, error, grads= -> step_k); it is collective here because
-    # _update and step_k are: every rank of the group must call it. It returns this rank's
-    # error (or closure value), not the average.
-    def _update(self, eps_local: float) -> None:
-        """One distributed rank-1 update (steps 1-4 of the class doc)."""
-        params: list[Tensor] = self._group["params"]
-        device = params[0].device
-        dtype = self.p_dtype
-        n_total = sum(p.numel() for p in params)
-
-        # (1) flat [H, eps] in p_dtype, averaged over the ranks (only eps when DDP has already
-        # averaged the gradients: average_grads=False)
-        buf = torch.zeros(n_total + 1, dtype=dtype, device=device)
-        off = 0
-        for p in params:
-            g = p.grad
-            if g is not None:
-                if g.is_sparse:
-                    raise ValueError("RLEKF does not support sparse gradients")
-                buf[off : off + p.numel()].copy_(_flat(g))
-            off += p.numel()
-        buf[n_total] = eps_local
-        if self._world > 1:
-            shared = buf if self.average_grads else buf[n_total:]
-            self._all_reduce_sum(shared)
-            shared.div_(self._world)
-        flat_h = buf[:n_total]
-        eps = float(buf[n_total])
-
-        # (2) own quadratic forms, zero-padded to all L blocks, plus a "bad" count
-        P = self._covariance()
-        n_blocks = len(self._blocks)
-        red = torch.zeros(n_blocks + 1, dtype=dtype, device=device)
-        gains: list[Tensor] = []
-        h_ok: list[Tensor] = []
-        for i, p_i in zip(self._owned, P, strict=True):
-            b = self._blocks[i]
-            h = flat_h[b.offset : b.offset + b.numel]
-            k = torch.mv(p_i, h)
-            gains.append(k)
-            red[i] = torch.dot(h, k)
-            h_ok.append(torch.isfinite(h).all())
-        local_bad = not math.isfinite(eps)
-        if h_ok and not bool(torch.stack(h_ok).all()):
-            local_bad = True
-        red[n_blocks] = 1.0 if local_bad else 0.0
-        self._all_reduce_sum(red)
-        lam = self.lam
-        # the same expression as functional.innovation: sum of the L quads, then + L*lam
-        a_t = red[:n_blocks].sum() + n_blocks * lam
-        a, n_bad = torch.stack([a_t, red[n_blocks]]).tolist()
-        if n_bad != 0 or not (math.isfinite(a) and a > 0.0):
-            self._finish_1(a, None, P)
-            return
-
-        # (3) own P_i update, as in functional.rlekf_update
-        beta = 1.0 / lam
-        root = math.sqrt(a * lam)
-        scale = eps * root / a
-        dw = torch.zeros(n_total, dtype=dtype, device=device)
-        for i, p_i, k in zip(self._owned, P, gains, strict=True):
-            b = self._blocks[i]
-            k.div_(root)
-            p_i.addr_(k, k, beta=beta, alpha=-1.0)
-            k.mul_(scale)
-            dw[b.offset : b.offset + b.numel].copy_(k)
-
-        # (4) full increment on every rank (zero padding: the sum is exact)
-        self._all_reduce_sum(dw)
-        self._finish_1(a, [dw[b.offset : b.offset + b.numel] for b in self._blocks], P)
-
-    @torch.no_grad()
-    def step_k(  # type: ignore[override]
-        self,
-        errors: Sequence[float] | Tensor,
-        grads: Tensor | Sequence[Sequence[Tensor | None]],
-    ) -> RLEKFRankKUpdate:
-        """One distributed rank-``k`` update (collective), as :meth:`RLEKF.step_k`.
-
-        Three all-reduces, as in :meth:`step`: the ``(k, N)`` gradient rows (averaged over
-        the ranks unless ``average_grads=False``); one float64 vector holding every block's
-        ``k x k`` quadratic form ``H_i^T P_i H_i`` (zero for blocks of other ranks), this
-        rank's ``k`` errors (averaged) and a count of ranks with non-finite ``H``; the
-        zero-padded weight increments. Every rank then sums the quadratic forms in block
-        order and does the same float64 ``k x k`` algebra
-        (:func:`~rlekf.optim.functional.rank_k_factors`), so ``A`` and the skip decision are
-        identical everywhere, and the result equals single-process :meth:`RLEKF.step_k` fed
-        the averaged rows and errors (bitwise for float64 ``P``).
-
-        Returns:
-            The update with the full increments of all blocks (every rank).
-        """
-        if isinstance(errors, Tensor):
-            eps_local = errors.detach().to(dtype=torch.float64).reshape(-1)
-        else:
-            eps_local = torch.as_tensor([float(e) for e in errors], dtype=torch.float64)
-        k = eps_local.numel()
-        if k == 0:
-            raise ValueError("ShardedRLEKF.step_k needs at least one error")
-        rows = self._gradient_rows(grads, k)
-        device = rows.device
+    # step() and step_k() are RLEKF's; they are collective here because the three reduction
+    # hooks below are: every rank of the group must call them. They return this rank's error
+    # (or closure value), not the average.
+    def _reduce_rows(self, rows: Tensor, given: bool) -> Tensor:
+        """(1) Average the ``(k, N)`` gradient rows over the ranks (unless DDP already did:
+        ``average_grads=False``). ``given``: ``rows`` may be the caller's tensor."""
         if self._world > 1 and self.average_grads:
-            if isinstance(grads, Tensor):  # may be the caller's tensor: do not reduce it
+            if given:
                 rows = rows.clone()
             self._all_reduce_sum(rows)
             rows.div_(self._world)
+        return rows
 
-        P = self._covariance()
-        n_blocks = len(self._blocks)
-        kk = k * k
-        red = torch.zeros(n_blocks * kk + k + 1, dtype=torch.float64, device=device)
-        gains: list[Tensor] = []
-        h_ok: list[Tensor] = []
-        for i, p_i in zip(self._owned, P, strict=True):
-            b = self._blocks[i]
-            g, q, ok = rank_k_gain(p_i, rows[:, b.offset : b.offset + b.numel].mT)
-            gains.append(g)
-            red[i * kk : (i + 1) * kk].copy_(q.reshape(-1))
-            h_ok.append(ok)
-        red[n_blocks * kk : n_blocks * kk + k].copy_(eps_local)
-        if h_ok and not bool(torch.stack(h_ok).all()):
-            red[-1] = 1.0
-        self._all_reduce_sum(red)
-        host = red.cpu()
-        eps = host[n_blocks * kk : n_blocks * kk + k]
-        if self._world > 1:
-            eps = eps / self._world
-        quads = host[: n_blocks * kk].view(n_blocks, k, k)
-        quad = quads[0].clone()
-        for i in range(1, n_blocks):  # block order, as the single-process sum
-            quad.add_(quads[i])
-        lam = self._lam_product(k)
-        if not bool(torch.isfinite(eps).all()):
-            res = RLEKFRankKUpdate(torch.full((k, k), math.nan, dtype=torch.float64), False, ())
-            self._finish_k(res, P)
-            return res
-        A, factors = rank_k_factors(quad, bool(host[-1] == 0), eps, lam, n_blocks)
-        if factors is None:
-            res = RLEKFRankKUpdate(A, False, ())
-            self._finish_k(res, P)
-            return res
-        n_total = rows.shape[1]
-        dw = torch.zeros(n_total, dtype=self.p_dtype, device=device)
-        for i, p_i, g in zip(self._owned, P, gains, strict=True):
-            b = self._blocks[i]
-            dw[b.offset : b.offset + b.numel].copy_(rank_k_apply_(p_i, g, factors, lam))
+    def _reduce_stats(self, stats: Tensor) -> None:
+        """(2) Sum the zero-padded per-block quadratic forms, the errors and the non-finite
+        count over the ranks (the errors are then divided by the world size)."""
+        self._all_reduce_sum(stats)
+
+    def _reduce_increment(self, dw: Tensor) -> None:
+        """(4) Sum the zero-padded weight increments: every rank gets all of them."""
         self._all_reduce_sum(dw)
-        res = RLEKFRankKUpdate(
-            A, True, tuple(dw[b.offset : b.offset + b.numel] for b in self._blocks)
-        )
-        self._finish_k(res, P)
-        return res
+
+    def _n_ranks(self) -> int:
+        return self._world
 
     @torch.no_grad()
     def kalman_stats(self) -> dict[str, Any]:
@@ -361,8 +237,7 @@ class ShardedRLEKF(RLEKF):
         zero-padded ``(L, 2)`` tensor across the ranks (collective)."""
         device = self._group["params"][0].device
         red = torch.zeros(len(self._blocks), 2, dtype=torch.float64, device=device)
-        for i, p in zip(self._owned, self._covariance(), strict=True):
-            diag = p.diagonal()
+        for i, diag in zip(self._owned, self._local_diag(), strict=True):
             red[i, 0] = diag.sum()
             red[i, 1] = diag.min()
         self._all_reduce_sum(red)
@@ -401,8 +276,13 @@ class ShardedRLEKF(RLEKF):
             :class:`~rlekf.optim.RLEKF` and a ``ShardedRLEKF`` of any world size can load
             (``P`` blocks on the CPU, in block order). ``None`` on the other ranks.
         """
-        P = self._covariance()
-        mine = [(i, p.detach().cpu()) for i, p in zip(self._owned, P, strict=True)]
+        self.flush()
+        self._storage()
+        anchor = self._anchor
+        mine = [
+            (i, p.detach().cpu().clone(), c)
+            for i, p, c in zip(self._owned, anchor[_P], anchor[_P_SCALE], strict=True)
+        ]
         if self._world > 1:
             parts: list[Any] | None = [None] * self._world if self._rank == dst else None
             dist.gather_object(mine, parts, dst=dst, group=self._pg)
@@ -411,13 +291,14 @@ class ShardedRLEKF(RLEKF):
         if self._rank != dst:
             return None
         assert parts is not None
-        blocks: dict[int, Tensor] = {}
+        blocks: dict[int, tuple[Tensor, float]] = {}
         for part in parts:
-            blocks.update(dict(part))
+            blocks.update({i: (p, c) for i, p, c in part})
         sd = super().state_dict()
         anchor_id = sd["param_groups"][0]["params"][0]
         anchor = dict(sd["state"][anchor_id])
-        anchor[_P] = [blocks[i] for i in range(len(self._blocks))]
+        anchor[_P] = [blocks[i][0] for i in range(len(self._blocks))]
+        anchor[_P_SCALE] = [blocks[i][1] for i in range(len(self._blocks))]
         sd["state"] = {**sd["state"], anchor_id: anchor}
         return sd
 
@@ -437,6 +318,8 @@ class ShardedRLEKF(RLEKF):
         meta = state_dict.get(_SHARDING)
         saved_state, anchor_id, saved_anchor = self._saved_anchor(state_dict)
         saved_p = saved_anchor.get(_P)
+        saved_scales = saved_anchor.get(_P_SCALE)
+        tile = int(state_dict["param_groups"][0].get("tile", self.tile))
 
         if meta is not None:
             if int(meta["world_size"]) != self._world:
@@ -463,19 +346,24 @@ class ShardedRLEKF(RLEKF):
                     "same parameters (in the same order), block_size and world size."
                 )
             own_p = saved_p
+            own_scales = saved_scales
             if own_p is not None and len(own_p) != len(self._owned):
                 raise ValueError(
                     f"ShardedRLEKF shard holds {len(own_p)} blocks, expected {len(self._owned)}"
                 )
         else:
             own_p = None
+            own_scales = None
             if saved_p is not None:
                 self._check_layout(
                     saved_p,
+                    tile,
                     "A single-process RLEKF state dict must hold all blocks (use "
                     "gather_state_dict on a sharded run).",
                 )
                 own_p = [saved_p[i] for i in self._owned]
+                if saved_scales is not None:
+                    own_scales = [saved_scales[i] for i in self._owned]
 
         top = {k: v for k, v in state_dict.items() if k != _SHARDING}
-        self._restore(top, saved_state, anchor_id, saved_anchor, own_p)
+        self._restore(top, saved_state, anchor_id, saved_anchor, own_p, own_scales)

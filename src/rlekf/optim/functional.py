@@ -30,9 +30,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "KalmanFactors",
     "RLEKFRankKUpdate",
     "RLEKFUpdate",
     "innovation",
+    "kalman_factors",
     "rlekf_update",
     "rank_k_apply_",
     "rank_k_factors",
@@ -409,3 +411,85 @@ def symmetrize_(P: Tensor, tile: int = 512) -> Tensor:
             upper.copy_(avg)
             lower.copy_(avg.mT)
     return P
+
+
+class KalmanFactors(NamedTuple):
+    """The host-side result of one (rank-``k``) update on stored ``P_i = c_i (S_i - V_i V_i^T)``.
+
+    Attributes:
+        innovation: ``A = L*lam*I_k + sum_i c_i H_i^T S_i H_i`` (``(k, k)``, float64, CPU,
+            symmetrised); for ``k = 1`` the innovation scalar ``a``.
+        applied: Whether the update is applied (finite errors, ``H`` and ``A``, ``A``
+            positive definite, and no block lost definiteness).
+        weight: ``A^{-1} eps`` (``(k,)``, float64): block ``i``'s weight increment is
+            ``c_i U_i @ weight`` with ``U_i = S_i H_i``.
+        pending: ``C^{-T}`` with ``A = C C^T`` (``(k, k)``, float64): block ``i``'s pending
+            correction is ``V_i = sqrt(c_i) U_i @ pending``, after which ``c_i <- c_i / lam``.
+        indefinite: Blocks whose ``h^T P_i h`` was negative for some measurement column:
+            ``P_i`` lost definiteness in that direction (the update is then skipped and the
+            caller repairs those blocks).
+        repair: For each block of ``indefinite``, a shift ``delta`` (in units of ``P``) that
+            makes the offending Rayleigh quotient of ``P_i + delta*I`` positive (twice its
+            magnitude).
+    """
+
+    innovation: Tensor
+    applied: bool
+    weight: Tensor | None
+    pending: Tensor | None
+    indefinite: tuple[int, ...]
+    repair: tuple[float, ...]
+
+
+def kalman_factors(
+    quads: Tensor,
+    h_norms: Tensor,
+    eps: Tensor,
+    lam: float,
+    h_finite: bool,
+) -> KalmanFactors:
+    """The ``k x k`` algebra of an RLEKF update from per-block quadratic forms (float64, host).
+
+    With ``Q_i = H_i^T P_i H_i = c_i H_i^T S_i H_i`` (after the pending correction):
+
+    .. code-block:: text
+
+        A    = L*lam*I_k + sum_i Q_i                  (one matrix shared by all L blocks)
+        dw_i = K_i A^{-1} eps = c_i U_i (A^{-1} eps)  (U_i = S_i H_i)
+        P_i <- (P_i - K_i A^{-1} K_i^T) / lam
+             = (c_i / lam) (S_i - V_i V_i^T),  V_i = sqrt(c_i) U_i C^{-T},  A = C C^T
+
+    For ``k = 1`` this is the paper's rank-1 update (``a = L*lam + sum_i H_i^T P_i H_i``,
+    ``dw_i = (eps/a) K_i``, ``P_i <- (P_i - K_i K_i^T/a)/lam``).
+
+    Args:
+        quads: ``(L, k, k)`` float64 CPU: ``Q_i`` of every block, in block order (the sum runs
+            in that order, so sharded and single-process results agree bitwise).
+        h_norms: ``(L, k)`` float64 CPU: ``|H_i[:, j]|^2`` (used only to size a repair).
+        eps: The ``k`` errors, float64 CPU.
+        lam: Forgetting factor for this update (``L*lam`` is the measurement noise).
+        h_finite: Whether every ``H_i`` was finite.
+
+    Returns:
+        The :class:`KalmanFactors`.
+    """
+    n_blocks, k, _ = quads.shape
+    quad = quads[0].clone()
+    for i in range(1, n_blocks):  # block order
+        quad.add_(quads[i])
+    A = 0.5 * (quad + quad.mT) + n_blocks * lam * torch.eye(k, dtype=torch.float64)
+    if not (h_finite and bool(torch.isfinite(eps).all()) and bool(torch.isfinite(A).all())):
+        return KalmanFactors(A, False, None, None, (), ())
+    diag = quads.diagonal(dim1=1, dim2=2)  # (L, k): h_j^T P_i h_j, >= 0 for P_i PSD
+    bad = (diag < 0).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        tiny = torch.finfo(torch.float64).tiny
+        repair = tuple(2.0 * float((-diag[i] / h_norms[i].clamp_min(tiny)).max()) for i in bad)
+        return KalmanFactors(A, False, None, None, tuple(bad), repair)
+    chol, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        return KalmanFactors(A, False, None, None, (), ())
+    eye = torch.eye(k, dtype=torch.float64)
+    pending = torch.linalg.solve_triangular(chol, eye, upper=False).mT  # C^{-T}
+    weight = torch.cholesky_solve(eps.reshape(k, 1), chol).reshape(k)
+    return KalmanFactors(A, True, weight, pending, (), ())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
@@ -11,15 +12,21 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from rlekf.optim.functional import (
-    RLEKFRankKUpdate,
-    rlekf_update,
-    rlekf_update_rank_k,
-    symmetrize_,
-)
+from rlekf.optim.functional import KalmanFactors, RLEKFRankKUpdate, kalman_factors
 from rlekf.optim.partition import Block, partition_parameters, validate_block_size
+from rlekf.optim.tiled import (
+    DEFAULT_TILE,
+    TileGroup,
+    group_blocks,
+    lower_tile_numel,
+    pack_lower_tiles,
+    packed_block_size,
+    unpack_lower_tiles,
+)
 
-__all__ = ["RLEKF"]
+__all__ = ["RLEKF", "available_memory_bytes", "state_covariance"]
+
+log = logging.getLogger(__name__)
 
 _GIB = float(1 << 30)
 _P_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -33,13 +40,64 @@ _P_DTYPE_ALIASES = {
     "torch.float32": "float32",
     "fp32": "float32",
 }
-# symmetrize_every=None: every 100 updates for both dtypes. Without it a float32 P loses
-# symmetry and definiteness within ~1000 updates, and a float64 P reaches ~1e-3 relative
-# asymmetry after ~3000 strongly exciting updates (forgetting inflates the rounding residue);
-# the cost is 1-2 % of the update time (see functional.symmetrize_).
-_AUTO_SYMMETRIZE = {"float64": 100, "float32": 100}
+# symmetrize_every=None: every 100 applied updates. Only the diagonal tiles are stored with
+# both triangles, so only they can drift from symmetry through rounding.
+_AUTO_SYMMETRIZE = 100
 # Keys of the state held under the anchor parameter (the first parameter of the group).
 _LAM, _N_UPDATES, _N_SKIPPED, _LAST_A, _P = "lam", "n_updates", "n_skipped", "last_innovation", "P"
+_P_SCALE, _N_INDEF, _SYM_DUE = "P_scale", "n_indefinite", "symmetrize_due"
+# Weight orders inside blocks: "output_major" flattens every 2-D weight with its output
+# neurons as the slow index (whole fan-ins together: PWMLFF/DeePMD-kit's ``param.T``);
+# "storage" flattens every tensor as stored (checkpoints written before the option existed).
+_WEIGHT_ORDERS = ("output_major", "storage")
+# Attribute of a 2-D parameter naming its output dimension (0, as torch.nn.Linear's (out, in),
+# when absent; rlekf's Dense layers store (in, out) and set it to 1).
+OUTPUT_DIM_ATTR = "rlekf_output_dim"
+
+
+def available_memory_bytes(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on ``device`` (``None`` if unknown).
+
+    CPU: ``MemAvailable`` of ``/proc/meminfo`` (Linux); CUDA: the free memory reported by
+    ``torch.cuda.mem_get_info``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def state_covariance(state_dict: dict[str, Any]) -> list[Tensor]:
+    """The covariance blocks held by an RLEKF (or ShardedRLEKF shard) state dict, as full
+    ``(n_i, n_i)`` matrices in their stored dtype, in the order stored.
+
+    Reads both formats: packed lower tiles with ``P_scale`` (this version) and the full blocks
+    of earlier versions.
+    """
+    group = state_dict["param_groups"][0]
+    anchor = state_dict["state"][group["params"][0]]
+    tile = int(group.get("tile", DEFAULT_TILE))
+    scales = anchor.get(_P_SCALE)
+    out = []
+    for i, t in enumerate(anchor.get(_P, [])):
+        if t.dim() == 2:
+            out.append(t.clone())
+            continue
+        n = packed_block_size(t.numel(), tile)
+        if n is None:
+            raise ValueError(f"block {i}: {t.numel()} elements are no packed block of tile {tile}")
+        dense = unpack_lower_tiles(t, n, tile)
+        out.append(dense.mul_(scales[i]) if scales is not None else dense)
+    return out
 
 
 def _resolve_p_dtype(p_dtype: torch.dtype | str) -> str:
@@ -66,17 +124,54 @@ def _real(name: str, value: Any, expected: str, ok: Callable[[float], bool]) -> 
     return v
 
 
+def _int_option(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an int >= {minimum})")
+    return value
+
+
 def _flat(t: Tensor) -> Tensor:
     """``t.reshape(-1)``; a view for contiguous tensors."""
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
 
+def weight_permutation(params: Sequence[Tensor], weight_order: str) -> Tensor | None:
+    """Positions in the concatenated ``p.reshape(-1)`` vector of each optimizer coordinate.
+
+    Args:
+        params: The parameters, in order.
+        weight_order: ``"output_major"`` or ``"storage"``.
+
+    Returns:
+        ``perm`` (int64, length ``N``) with ``w_opt = w_storage[perm]``, or ``None`` when the
+        two orders coincide (``"storage"``, or no 2-D parameter whose output dimension is 1).
+    """
+    if weight_order not in _WEIGHT_ORDERS:
+        raise ValueError(f"Invalid weight_order: {weight_order!r} (expected {_WEIGHT_ORDERS})")
+    if weight_order == "storage":
+        return None
+    parts = []
+    off = 0
+    permuted = False
+    for p in params:
+        n = p.numel()
+        idx = torch.arange(off, off + n)
+        if p.dim() == 2 and getattr(p, OUTPUT_DIM_ATTR, 0) == 1 and min(p.shape) > 1:
+            idx = idx.view(p.shape).t().reshape(-1)  # out-major order of an (in, out) tensor
+            permuted = True
+        parts.append(idx)
+        off += n
+    return torch.cat(parts) if permuted else None
+
+
 class RLEKF(Optimizer):
     r"""Reorganized-layer extended Kalman filter (RLEKF, Hu et al., AAAI 2023).
 
-    The flattened parameters ``w`` (each tensor as ``p.reshape(-1)``, in registration order)
-    are cut into ``L`` contiguous blocks by the "gather small, split big" rule
-    (:func:`~rlekf.optim.partition_parameters`). The covariance is block diagonal,
+    The parameters are flattened into one vector ``w`` (each tensor in registration order;
+    2-D weights **output-major**, i.e. the fan-in of output neuron 0, then of neuron 1, ...,
+    as PWMLFF and DeePMD-kit flatten ``param.T``; ``weight_order="storage"`` flattens each
+    tensor as stored) and cut into ``L`` contiguous blocks by the "gather small, split big"
+    rule (:func:`~rlekf.optim.partition_parameters`). The covariance is block diagonal,
     ``P = diag(P_1, ..., P_L)`` with ``P_i = p0 * I`` initially. One call to :meth:`step`
     consumes one scalar pseudo-measurement with error :math:`\varepsilon` and gradient
     ``H = p.grad`` (the caller back-propagates the signed, scaled prediction):
@@ -89,17 +184,28 @@ class RLEKF(Optimizer):
         \lambda_{t+1} &= \nu \lambda_t + 1 - \nu
 
     :meth:`step_k` is an opt-in "fused" variant that absorbs ``k`` measurements taken at
-    the same weights in one rank-``k`` update (one pass over ``P``; see its docstring for
-    how it differs from ``k`` calls of :meth:`step`).
+    the same weights in one rank-``k`` update (see its docstring for how it differs from
+    ``k`` calls of :meth:`step`).
 
-    ``P`` is kept in ``p_dtype`` independently of the model dtype (a float32 model with a
-    float64 ``P`` is supported: ``H`` is cast to ``p_dtype`` and the increments are added
-    back into the parameters). Updates with a non-finite error, gradient or innovation are
-    skipped and counted in :attr:`n_skipped`; ``P``, the weights and ``lambda`` are left
-    untouched.
+    Storage (:mod:`rlekf.optim.tiled`): each ``P_i = c_i (S_i - V_i V_i^T)`` keeps only the
+    ``tile x tile`` tiles on and below the diagonal of ``S_i`` (about half of ``n_i**2``), a
+    float64 scale ``c_i`` that absorbs the forgetting factor, and a pending correction
+    ``V_i`` that the next update applies in the same pass that computes ``S_i H_i``: one
+    read and one write of the stored triangle per update. ``P`` is symmetric by construction
+    (the diagonal tiles are re-symmetrised every ``symmetrize_every`` updates). The
+    innovation, the scales and the weight increments are float64 whatever ``p_dtype``.
 
-    Memory: ``P`` holds ``sum_i n_i**2 <= N * block_size`` elements; see
-    :meth:`estimate_p_bytes` and ``max_p_bytes``.
+    ``P`` is kept in ``p_dtype`` independently of the model dtype (``H`` is cast to
+    ``p_dtype``; the float64 increments are added back into the parameters). Updates with a
+    non-finite error, gradient or innovation are skipped and counted in :attr:`n_skipped`;
+    ``P``, the weights and ``lambda`` are left untouched. With ``P`` positive semi-definite
+    every ``H_i^T P_i H_i >= 0``; a negative one means that ``P_i`` lost definiteness in that
+    direction (float32 rounding): the update is skipped, counted in :attr:`n_indefinite`
+    (and :attr:`n_skipped`), and ``S_i`` is shifted by ``delta * I`` with ``delta`` twice
+    the offending Rayleigh quotient.
+
+    Memory: ``itemsize * sum_i lower_tile_numel(n_i, tile)`` bytes (:meth:`estimate_p_bytes`),
+    refused with a message above ``max_p_bytes``.
 
     Args:
         params: Parameters to optimize (one parameter group only, since the blocks and the
@@ -110,15 +216,19 @@ class RLEKF(Optimizer):
         nu: Growth rate of ``lambda`` in ``(0, 1]`` (default 0.9987); ``lambda0 = nu = 1``
             gives recursive least squares.
         p0: Initial covariance scale, ``P_0 = p0 * I`` (default 1.0; PWMLFF now uses 0.01).
-        p_dtype: dtype of ``P``: ``torch.float64`` (default) or ``torch.float32``; the
-            strings ``"float64"``/``"float32"`` are accepted (Hydra configs).
-        symmetrize_every: Replace ``P_i`` by ``(P_i + P_i^T)/2`` every this many applied
-            updates; 0 disables it (the paper's algorithm). ``None`` (default) picks 100 for
-            both dtypes (see :func:`~rlekf.optim.symmetrize_`: float32 loses symmetry and
-            definiteness without it; in float64 the relative asymmetry reaches ~1e-7 after
-            1000 and ~1e-3 after 3000 strongly exciting updates).
+        p_dtype: dtype of the stored ``P``: ``torch.float64`` (default) or ``torch.float32``;
+            the strings ``"float64"``/``"float32"`` are accepted (Hydra configs).
+        symmetrize_every: Replace every diagonal tile ``t`` by ``(t + t^T)/2`` every this many
+            applied updates; 0 disables it. ``None`` (default) picks 100.
         max_p_bytes: Refuse (``ValueError``) to build an optimizer whose ``P`` would take more
-            than this many bytes; ``None`` (default) means no limit.
+            than this many bytes. ``"auto"`` (default): the memory still available on the
+            parameters' device (``MemAvailable`` on the CPU, free memory on CUDA); ``None``:
+            no limit.
+        tile: Tile edge of the stored triangle (default 256).
+        batch_blocks: Update equal-size blocks with one batched call per tile (fewer kernel
+            launches: pays on GPUs). ``None`` (default): on CUDA only.
+        weight_order: ``"output_major"`` (default) or ``"storage"`` (the order of checkpoints
+            written before this option; loaded checkpoints keep their own order).
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -139,7 +249,10 @@ class RLEKF(Optimizer):
         p0: float = 1.0,
         p_dtype: torch.dtype | str = torch.float64,
         symmetrize_every: int | None = None,
-        max_p_bytes: int | None = None,
+        max_p_bytes: int | str | None = "auto",
+        tile: int = DEFAULT_TILE,
+        batch_blocks: bool | None = None,
+        weight_order: str = "output_major",
     ) -> None:
         block_size = validate_block_size(block_size)
         lambda0 = _real("lambda0", lambda0, "0 < lambda0 <= 1", lambda v: 0.0 < v <= 1.0)
@@ -147,19 +260,17 @@ class RLEKF(Optimizer):
         p0 = _real("p0", p0, "a positive finite float", lambda v: 0.0 < v < math.inf)
         p_dtype_name = _resolve_p_dtype(p_dtype)
         if symmetrize_every is None:
-            symmetrize_every = _AUTO_SYMMETRIZE[p_dtype_name]
-        if (
-            isinstance(symmetrize_every, bool)
-            or not isinstance(symmetrize_every, int)
-            or symmetrize_every < 0
-        ):
+            symmetrize_every = _AUTO_SYMMETRIZE
+        symmetrize_every = _int_option("symmetrize_every", symmetrize_every, 0)
+        tile = _int_option("tile", tile, 1)
+        if weight_order not in _WEIGHT_ORDERS:
             raise ValueError(
-                f"Invalid symmetrize_every: {symmetrize_every!r} (expected int >= 0 or None)"
+                f"Invalid weight_order: {weight_order!r} (expected one of {_WEIGHT_ORDERS})"
             )
-        if max_p_bytes is not None and (
-            isinstance(max_p_bytes, bool) or not isinstance(max_p_bytes, int) or max_p_bytes <= 0
-        ):
-            raise ValueError(f"Invalid max_p_bytes: {max_p_bytes!r} (expected int > 0 or None)")
+        if batch_blocks is not None and not isinstance(batch_blocks, bool):
+            raise ValueError(f"Invalid batch_blocks: {batch_blocks!r} (expected bool or None)")
+        if max_p_bytes is not None and max_p_bytes != "auto":
+            max_p_bytes = _int_option("max_p_bytes", max_p_bytes, 1)
 
         defaults = {
             "block_size": block_size,
@@ -168,6 +279,9 @@ class RLEKF(Optimizer):
             "p0": p0,
             "p_dtype": p_dtype_name,
             "symmetrize_every": symmetrize_every,
+            "tile": tile,
+            "batch_blocks": batch_blocks,
+            "weight_order": weight_order,
         }
         super().__init__(params, defaults)
 
@@ -181,20 +295,17 @@ class RLEKF(Optimizer):
             raise ValueError(
                 f"RLEKF needs all parameters on one device, got {sorted(map(str, devices))}"
             )
-        if max_p_bytes is not None:
-            need = self.estimate_p_bytes(numels, block_size, p_dtype_name)
-            if need > max_p_bytes:
-                raise ValueError(
-                    f"RLEKF covariance P would need {need / _GIB:.2f} GiB in {p_dtype_name} "
-                    f"({len(self._blocks)} block(s), N = {sum(numels)}, "
-                    f"block_size = {block_size}), "
-                    f"above max_p_bytes = {max_p_bytes} ({max_p_bytes / _GIB:.2f} GiB). "
-                    "Use a smaller block_size (P takes about itemsize * N * block_size bytes), "
-                    "p_dtype='float32', or raise max_p_bytes."
-                )
-        self._work: list[tuple[Tensor, Tensor]] | None = None  # per-block H and K buffers
+        self._max_p_bytes = max_p_bytes
+        self._perm = weight_permutation(group["params"], weight_order)
+        self._groups: list[TileGroup] | None = None
+        self._members: list[list[int]] = []  # local block positions of each group
+        self._pending: list[Tensor | None] = []  # per group: V (B, n, k) or None
+        self._last_dw: list[Tensor] = []
         anchor = self.state[group["params"][0]]
-        anchor.update({_LAM: lambda0, _N_UPDATES: 0, _N_SKIPPED: 0, _LAST_A: math.nan})
+        anchor.update(
+            {_LAM: lambda0, _N_UPDATES: 0, _N_SKIPPED: 0, _N_INDEF: 0, _LAST_A: math.nan}
+        )
+        self._check_memory()
 
     # ------------------------------------------------------------------ structure / memory
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -208,20 +319,63 @@ class RLEKF(Optimizer):
 
     @staticmethod
     def estimate_p_bytes(
-        numels: Sequence[int], block_size: int | None, p_dtype: torch.dtype | str = torch.float64
+        numels: Sequence[int],
+        block_size: int | None,
+        p_dtype: torch.dtype | str = torch.float64,
+        tile: int = DEFAULT_TILE,
     ) -> int:
-        """Bytes that ``P`` would take, without allocating anything.
+        """Bytes that the stored ``P`` would take, without allocating anything.
 
         Args:
             numels: Number of elements of each parameter tensor, in registration order.
             block_size: Maximum block size, or ``None`` for one block (GEKF).
             p_dtype: Covariance dtype (``torch.float64``/``torch.float32`` or a string).
+            tile: Tile edge of the stored triangle.
 
         Returns:
-            ``itemsize * sum_i n_i**2``.
+            ``itemsize * sum_i lower_tile_numel(n_i, tile)`` (about half of
+            ``itemsize * sum_i n_i**2``).
         """
         itemsize = _P_DTYPES[_resolve_p_dtype(p_dtype)].itemsize
-        return itemsize * sum(b.numel**2 for b in partition_parameters(numels, block_size))
+        blocks = partition_parameters(numels, block_size)
+        return itemsize * sum(lower_tile_numel(b.numel, tile) for b in blocks)
+
+    def _local_p_bytes(self) -> int:
+        """Bytes of the blocks this optimizer stores."""
+        tile = self._group["tile"]
+        return self.p_dtype.itemsize * sum(
+            lower_tile_numel(self._blocks[i].numel, tile) for i in self._local_block_indices()
+        )
+
+    def _check_memory(self) -> None:
+        """Refuse, with what it needs and why, a ``P`` above ``max_p_bytes``."""
+        limit = self._max_p_bytes
+        if limit is None:
+            return
+        need = self._local_p_bytes()
+        group = self._group
+        what = (
+            f"RLEKF covariance P would need {need / _GIB:.2f} GiB in {group['p_dtype']} "
+            f"({len(self._local_block_indices())} block(s) of {len(self._blocks)}, "
+            f"N = {sum(b.numel for b in self._blocks)}, block_size = {group['block_size']}, "
+            f"lower tiles of {group['tile']})"
+        )
+        if limit == "auto":
+            device = group["params"][0].device
+            avail = available_memory_bytes(device)
+            if avail is None or need <= avail:
+                return
+            raise ValueError(
+                f"{what}, more than the {avail / _GIB:.2f} GiB still available on {device}. "
+                "Use a smaller block_size (P takes about itemsize * N * block_size / 2 bytes), "
+                "p_dtype='float32', ShardedRLEKF on several ranks, or free memory."
+            )
+        if need > limit:
+            raise ValueError(
+                f"{what}, above max_p_bytes = {limit} ({limit / _GIB:.2f} GiB). "
+                "Use a smaller block_size (P takes about itemsize * N * block_size / 2 bytes), "
+                "p_dtype='float32', or raise max_p_bytes."
+            )
 
     @property
     def _group(self) -> dict[str, Any]:
@@ -233,12 +387,22 @@ class RLEKF(Optimizer):
 
     @property
     def p_dtype(self) -> torch.dtype:
-        """dtype of the covariance blocks."""
+        """dtype of the stored covariance blocks."""
         return _P_DTYPES[self._group["p_dtype"]]
 
     @property
+    def weight_order(self) -> str:
+        """``"output_major"`` or ``"storage"``: how 2-D weights are flattened into blocks."""
+        return self._group["weight_order"]
+
+    @property
+    def tile(self) -> int:
+        """Tile edge of the stored triangles."""
+        return int(self._group["tile"])
+
+    @property
     def blocks(self) -> tuple[Block, ...]:
-        """The partition of the parameters into blocks."""
+        """The partition of the (flattened, :attr:`weight_order`) parameters into blocks."""
         return self._blocks
 
     @property
@@ -248,13 +412,14 @@ class RLEKF(Optimizer):
 
     @property
     def p_numel(self) -> int:
-        """Elements in all covariance blocks, ``sum_i n_i**2``."""
+        """Entries of the (logical) covariance blocks, ``sum_i n_i**2``."""
         return sum(b.numel**2 for b in self._blocks)
 
     @property
     def p_bytes(self) -> int:
-        """Bytes of all covariance blocks (allocated at the first step)."""
-        return self.p_numel * self.p_dtype.itemsize
+        """Bytes of the stored covariance (all blocks' lower tiles; allocated at first use)."""
+        tile = self._group["tile"]
+        return self.p_dtype.itemsize * sum(lower_tile_numel(b.numel, tile) for b in self._blocks)
 
     @property
     def lam(self) -> float:
@@ -268,8 +433,14 @@ class RLEKF(Optimizer):
 
     @property
     def n_skipped(self) -> int:
-        """Number of updates skipped because of a non-finite error, gradient or innovation."""
+        """Number of updates skipped (non-finite error, gradient or innovation, or a block
+        that lost definiteness)."""
         return int(self._anchor[_N_SKIPPED])
+
+    @property
+    def n_indefinite(self) -> int:
+        """Number of skipped updates at which a block had lost definiteness (and was shifted)."""
+        return int(self._anchor.get(_N_INDEF, 0))
 
     @property
     def last_innovation(self) -> float:
@@ -278,41 +449,71 @@ class RLEKF(Optimizer):
 
     @property
     def covariance(self) -> list[Tensor]:
-        """The covariance blocks ``P_i`` (allocated on first access)."""
-        return self._covariance()
+        """The covariance blocks ``P_i`` of this optimizer as full ``(n_i, n_i)`` matrices.
+
+        Copies (``c_i * S_i`` after applying any pending correction), in ``p_dtype``: for
+        inspection and tests; they take ``sum_i n_i**2`` elements, twice the storage.
+        """
+        self.flush()
+        out = []
+        scales = self._anchor[_P_SCALE]
+        for g, members in zip(self._storage(), self._members, strict=True):
+            for j, pos in enumerate(members):
+                out.append((pos, g.dense(j).mul_(scales[pos])))
+        return [t for _, t in sorted(out, key=lambda x: x[0])]
 
     def _local_block_indices(self) -> Sequence[int]:
         """Indices of the blocks whose ``P_i`` this optimizer holds (all of them here)."""
         return range(len(self._blocks))
 
-    def _covariance(self) -> list[Tensor]:
-        anchor = self._anchor
-        if _P not in anchor:
+    def _batch(self) -> bool:
+        batch = self._group.get("batch_blocks")
+        if batch is None:
+            return self._group["params"][0].device.type == "cuda"
+        return bool(batch)
+
+    def _storage(self) -> list[TileGroup]:
+        """The tile groups of this optimizer's blocks (allocated on first use)."""
+        if self._groups is None:
+            self._check_memory()
             group = self._group
             device = group["params"][0].device
-            anchor[_P] = [
-                torch.eye(self._blocks[i].numel, dtype=self.p_dtype, device=device).mul_(
-                    group["p0"]
-                )
-                for i in self._local_block_indices()
+            local = list(self._local_block_indices())
+            sizes = [self._blocks[i].numel for i in local]
+            self._members = group_blocks(sizes, self._batch())
+            self._groups = [
+                TileGroup(sizes[m[0]], len(m), group["tile"], self.p_dtype, device, diag=1.0)
+                for m in self._members
             ]
-        return anchor[_P]
+            self._pending = [None] * len(self._groups)
+            anchor = self._anchor
+            packed: list[Tensor | None] = [None] * len(local)
+            for g, members in zip(self._groups, self._members, strict=True):
+                for j, pos in enumerate(members):
+                    packed[pos] = g.packed(j)
+            anchor[_P] = packed
+            anchor[_P_SCALE] = [float(group["p0"])] * len(local)
+        return self._groups
 
-    def _buffers(self, P: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-        ref = P[0]
-        if (
-            self._work is None
-            or self._work[0][0].dtype != ref.dtype
-            or (self._work[0][0].device != ref.device)
-        ):
-            self._work = [
-                (
-                    torch.empty(b.numel, dtype=ref.dtype, device=ref.device),
-                    torch.empty(b.numel, dtype=ref.dtype, device=ref.device),
-                )
-                for b in self._blocks
-            ]
-        return self._work
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the pending corrections (and a due symmetrisation) to the stored tiles.
+
+        Called before the state is read (:meth:`state_dict`, :attr:`covariance`); the next
+        update would otherwise do the same in its sweep, with the same kernels, so the bits
+        of ``P`` do not depend on when the state was read.
+        """
+        if self._groups is None:
+            return
+        due = bool(self._anchor.get(_SYM_DUE, False))
+        for gi, g in enumerate(self._groups):
+            V = self._pending[gi]
+            if V is not None:
+                g.apply_(V)
+                self._pending[gi] = None
+            if due:
+                g.symmetrize_diagonal_()
+        self._anchor[_SYM_DUE] = False
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -366,79 +567,175 @@ class RLEKF(Optimizer):
 
     def _update(self, eps: float) -> None:
         """One rank-1 update with ``H`` from ``.grad`` and the error ``eps``."""
-        params: list[Tensor] = self._group["params"]
-        P = self._covariance()
-        work = self._buffers(P)
+        rows = self._reduce_rows(self._flat_grad().unsqueeze(0), False)
+        errors = torch.tensor([eps], dtype=torch.float64)
+        res = self._kalman(rows, errors, self.lam)
+        self._finish(res, 1)
 
-        # Gather H_i = grad[segments] into the preallocated p_dtype buffers.
-        grads = []
+    def _flat_grad(self) -> Tensor:
+        """``H`` over all parameters, ``(N,)`` in ``p_dtype``, in the optimizer's order."""
+        params: list[Tensor] = self._group["params"]
+        parts = []
         for p in params:
             g = p.grad
-            if g is not None and g.is_sparse:
+            if g is None:
+                parts.append(torch.zeros(p.numel(), dtype=self.p_dtype, device=p.device))
+            elif g.is_sparse:
                 raise ValueError("RLEKF does not support sparse gradients")
-            grads.append(None if g is None else _flat(g))
-        H: list[Tensor] = []
-        for block, (h, _) in zip(self._blocks, work, strict=True):
-            off = 0
-            for seg in block.segments:
-                dst = h[off : off + seg.numel]
-                g = grads[seg.param_index]
-                if g is None:
-                    dst.zero_()
-                else:
-                    dst.copy_(g[seg.start : seg.stop])
-                off += seg.numel
-            H.append(h)
+            else:
+                parts.append(_flat(g).to(self.p_dtype))
+        flat = torch.cat(parts)
+        return flat if self._perm is None else flat[self._perm.to(flat.device)]
 
-        res = rlekf_update(None, P, H, eps, self.lam, out=[k for _, k in work])
-        self._finish_1(res.innovation, res.increments if res.applied else None, P)
+    # The three reduction hooks are no-ops here; ShardedRLEKF sums over ranks.
+    def _reduce_rows(self, rows: Tensor, given: bool) -> Tensor:
+        """Gradient rows as used by every rank (``given``: the caller's tensor)."""
+        return rows
 
-    def _finish_1(
-        self, innovation: float, increments: Sequence[Tensor] | None, P: Sequence[Tensor]
-    ) -> None:
-        """Bookkeeping after a rank-1 update: weights, counters, lambda, symmetrisation.
+    def _reduce_stats(self, stats: Tensor) -> None:
+        """Sum the per-block statistics vector over the ranks (in place)."""
 
-        Args:
-            innovation: The innovation scalar ``a`` (stored as :attr:`last_innovation`).
-            increments: The per-block weight increments, or ``None`` for a skipped update.
-            P: This optimizer's covariance blocks (symmetrised periodically).
+    def _reduce_increment(self, dw: Tensor) -> None:
+        """Sum the zero-padded weight increment over the ranks (in place)."""
+
+    def _n_ranks(self) -> int:
+        return 1
+
+    @torch.no_grad()
+    def _kalman(self, rows: Tensor, errors: Tensor, lam: float) -> KalmanFactors:
+        """One rank-``k`` update (``k = rows.shape[0]``; ``k = 1`` is the paper's step).
+
+        ``rows`` ``(k, N)`` in ``p_dtype`` (optimizer order), ``errors`` ``(k,)`` float64 CPU.
+        Steps: one sweep per group (pending correction + ``U = S H``), one host transfer of
+        the per-block quadratic forms, the ``k x k`` algebra in float64
+        (:func:`~rlekf.optim.functional.kalman_factors`), then increments, pending factors and
+        scales. Returns the factors (``applied`` False when skipped).
         """
-        group = self._group
+        k, n_total = rows.shape
+        groups = self._storage()
+        n_blocks = len(self._blocks)
+        local = list(self._local_block_indices())
         anchor = self._anchor
-        anchor[_LAST_A] = innovation
-        if increments is None:
-            anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + 1
-            return
-        self._scatter(increments)
-        lam = float(anchor[_LAM])
-        anchor[_N_UPDATES] = n = int(anchor[_N_UPDATES]) + 1
-        nu = group["nu"]
-        anchor[_LAM] = nu * lam + 1.0 - nu
-        every = group["symmetrize_every"]
-        if every and n % every == 0:
-            for p_i in P:
-                symmetrize_(p_i)
+        symmetrize = bool(anchor.get(_SYM_DUE, False))
+        device = rows.device
 
-    def _scatter(self, increments: Sequence[Tensor]) -> None:
-        """Add the per-block increments to the parameters (cast to their dtype by add_)."""
+        # (1) one pass per group: apply the pending V, U = S H
+        U: list[Tensor | None] = [None] * len(local)
+        H64: list[Tensor | None] = [None] * len(local)
+        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
+            offsets = [self._blocks[local[pos]].offset for pos in members]
+            Hg = torch.stack([rows[:, o : o + g.n].mT for o in offsets])  # (B, n, k)
+            Y = g.sweep_(Hg, self._pending[gi], symmetrize=symmetrize)
+            self._pending[gi] = None
+            for j, pos in enumerate(members):
+                U[pos] = Y[j].to(torch.float64)
+                H64[pos] = Hg[j].to(torch.float64)
+        if symmetrize:
+            anchor[_SYM_DUE] = False
+
+        # (2) per-block H^T P H, |h|^2, the errors and a non-finite count: one vector, one
+        # transfer to the host (zero-padded over all L blocks, summed over ranks if sharded)
+        kk = k * k
+        width = kk + k
+        stats = torch.zeros(n_blocks * width + k + 1, dtype=torch.float64, device=device)
+        scales = anchor[_P_SCALE]
+        bad = torch.zeros((), dtype=torch.float64, device=device)
+        for pos, i in enumerate(local):
+            u, h = U[pos], H64[pos]
+            assert u is not None and h is not None
+            stats[i * width : i * width + kk] = (h.mT @ u).mul_(scales[pos]).reshape(-1)
+            stats[i * width + kk : (i + 1) * width] = (h * h).sum(0)
+            bad = bad + (~torch.isfinite(h).all()).to(torch.float64)
+        stats[n_blocks * width : n_blocks * width + k] = errors.to(device)
+        stats[-1] = bad
+        self._reduce_stats(stats)
+        host = stats.cpu()
+        per_block = host[: n_blocks * width].view(n_blocks, width)
+        quads = per_block[:, :kk].reshape(n_blocks, k, k)
+        eps = host[n_blocks * width : n_blocks * width + k] / self._n_ranks()
+        res = kalman_factors(quads, per_block[:, kk:], eps, lam, bool(host[-1] == 0))
+        if not res.applied:
+            if res.indefinite:
+                self._repair(res)
+            return res
+
+        # (3) increments (zero-padded over all blocks), pending factors and scales
+        assert res.weight is not None and res.pending is not None
+        weight = res.weight.to(device)
+        pending = res.pending.to(device)
+        dw = torch.zeros(n_total, dtype=torch.float64, device=device)
+        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
+            V = torch.empty(len(members), g.n, k, dtype=g.dtype, device=device)
+            for j, pos in enumerate(members):
+                b = self._blocks[local[pos]]
+                u = U[pos]
+                assert u is not None
+                c = scales[pos]
+                dw[b.offset : b.offset + b.numel] = (u @ weight).mul_(c)
+                V[j] = (u @ pending).mul_(math.sqrt(c))
+                scales[pos] = c / lam
+            self._pending[gi] = V
+        self._reduce_increment(dw)
+        self._last_dw = [dw[b.offset : b.offset + b.numel] for b in self._blocks]
+        self._add_flat(dw)
+        return res
+
+    def _repair(self, res: KalmanFactors) -> None:
+        """Shift the local blocks that lost definiteness: ``S_i <- S_i + delta_i I``."""
+        local = {i: pos for pos, i in enumerate(self._local_block_indices())}
+        where = {}
+        for gi, members in enumerate(self._members):
+            for j, pos in enumerate(members):
+                where[pos] = (gi, j)
+        groups = self._storage()
+        scales = self._anchor[_P_SCALE]
+        for i, delta in zip(res.indefinite, res.repair, strict=True):
+            if i in local:
+                gi, j = where[local[i]]
+                groups[gi].add_diagonal_(j, delta / scales[local[i]])
+                log.warning(
+                    "RLEKF: block %d lost positive definiteness (H^T P H < 0); update skipped, "
+                    "S shifted by %.3g * I",
+                    i,
+                    delta,
+                )
+        self._anchor[_N_INDEF] = self.n_indefinite + 1
+
+    def _add_flat(self, dw: Tensor) -> None:
+        """Add a flat increment (optimizer order, ``(N,)``) to the parameters."""
+        if self._perm is not None:
+            storage = torch.empty_like(dw)
+            storage[self._perm.to(dw.device)] = dw
+            dw = storage
         params: list[Tensor] = self._group["params"]
-        flats: dict[int, Tensor] = {}
-        for block, inc in zip(self._blocks, increments, strict=True):
-            off = 0
-            for seg in block.segments:
-                idx = seg.param_index
-                if idx not in flats:
-                    p = params[idx]
-                    flats[idx] = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
-                flats[idx][seg.start : seg.stop].add_(inc[off : off + seg.numel])
-                off += seg.numel
-        for idx, flat in flats.items():
-            p = params[idx]
-            if not p.is_contiguous():
-                p.copy_(flat.view_as(p))
+        off = 0
+        for p in params:
+            n = p.numel()
+            inc = dw[off : off + n]
+            if p.is_contiguous():
+                p.view(-1).add_(inc)
+            else:
+                p.add_(inc.view(p.shape))
+            off += n
+
+    def _finish(self, res: KalmanFactors, k: int) -> None:
+        """Counters and ``lambda`` after an update of ``k`` measurements."""
+        anchor = self._anchor
+        anchor[_LAST_A] = float(res.innovation.diagonal().mean())
+        if not res.applied:
+            anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + k
+            return
+        lam = float(anchor[_LAM])
+        before = int(anchor[_N_UPDATES])
+        anchor[_N_UPDATES] = n = before + k
+        every = int(self._group["symmetrize_every"])
+        if every and n // every > before // every:
+            anchor[_SYM_DUE] = True  # done by the next sweep (or flush)
+        nu_k = self._group["nu"] ** k
+        anchor[_LAM] = nu_k * lam + 1.0 - nu_k  # = 1 - (1 - lam) nu^k; k = 1: nu*lam + 1 - nu
 
     def _gradient_rows(self, grads: Tensor | Sequence[Sequence[Tensor | None]], k: int) -> Tensor:
-        """The ``(k, N)`` matrix of flattened measurement gradients in ``p_dtype``."""
+        """The ``(k, N)`` matrix of measurement gradients in ``p_dtype``, optimizer order."""
         params: list[Tensor] = self._group["params"]
         n_total = sum(p.numel() for p in params)
         device = params[0].device
@@ -452,31 +749,32 @@ class RLEKF(Optimizer):
                 )
             if grads.is_sparse:
                 raise ValueError("RLEKF does not support sparse gradients")
-            return grads.detach().to(device=device, dtype=self.p_dtype)
-        grads = list(grads)
-        if len(grads) != k:
-            raise ValueError(f"RLEKF.step_k: got {k} errors but {len(grads)} gradient sets")
-        rows = torch.zeros(k, n_total, dtype=self.p_dtype, device=device)
-        for j, gset in enumerate(grads):
-            gset = list(gset)
-            if len(gset) != len(params):
-                raise ValueError(
-                    f"RLEKF.step_k: gradient set {j} has {len(gset)} tensors, "
-                    f"expected one per parameter ({len(params)})"
-                )
-            off = 0
-            for p, g in zip(params, gset, strict=True):
-                if g is not None:
-                    if g.is_sparse:
-                        raise ValueError("RLEKF does not support sparse gradients")
-                    if g.numel() != p.numel():
-                        raise ValueError(
-                            f"RLEKF.step_k: gradient set {j} has a tensor of shape "
-                            f"{tuple(g.shape)} for a parameter of shape {tuple(p.shape)}"
-                        )
-                    rows[j, off : off + p.numel()].copy_(_flat(g.detach()))
-                off += p.numel()
-        return rows
+            rows = grads.detach().to(device=device, dtype=self.p_dtype)
+        else:
+            grads = list(grads)
+            if len(grads) != k:
+                raise ValueError(f"RLEKF.step_k: got {k} errors but {len(grads)} gradient sets")
+            rows = torch.zeros(k, n_total, dtype=self.p_dtype, device=device)
+            for j, gset in enumerate(grads):
+                gset = list(gset)
+                if len(gset) != len(params):
+                    raise ValueError(
+                        f"RLEKF.step_k: gradient set {j} has {len(gset)} tensors, "
+                        f"expected one per parameter ({len(params)})"
+                    )
+                off = 0
+                for p, g in zip(params, gset, strict=True):
+                    if g is not None:
+                        if g.is_sparse:
+                            raise ValueError("RLEKF does not support sparse gradients")
+                        if g.numel() != p.numel():
+                            raise ValueError(
+                                f"RLEKF.step_k: gradient set {j} has a tensor of shape "
+                                f"{tuple(g.shape)} for a parameter of shape {tuple(p.shape)}"
+                            )
+                        rows[j, off : off + p.numel()].copy_(_flat(g.detach()))
+                    off += p.numel()
+        return rows if self._perm is None else rows[:, self._perm.to(device)]
 
     @torch.no_grad()
     def step_k(
@@ -486,9 +784,10 @@ class RLEKF(Optimizer):
     ) -> RLEKFRankKUpdate:
         r"""Apply ONE rank-``k`` update for ``k`` measurements taken at the current weights.
 
-        This is the opt-in "fused" mode (:func:`~rlekf.optim.rlekf_update_rank_k`): one pass
-        over ``P`` for all ``k`` measurements, with the shared ``k x k`` innovation matrix
-        ``A = L*lambda*I_k + sum_i H_i^T P_i H_i``. ``.grad`` is neither read nor written.
+        This is the opt-in "fused" mode: one pass over ``P`` for all ``k`` measurements, with
+        the shared ``k x k`` innovation matrix ``A = L*lambda*I_k + sum_i H_i^T P_i H_i``
+        (the algebra of :func:`~rlekf.optim.rlekf_update_rank_k`). ``.grad`` is neither read
+        nor written.
 
         Differences from ``k`` calls of :meth:`step` (the paper's algorithm):
 
@@ -498,22 +797,16 @@ class RLEKF(Optimizer):
           with several blocks the cross-block correlations that one measurement creates are
           seen by the others (the paper drops them after every measurement);
         * forgetting is applied once, with the product of the ``k`` factors the paper would
-          use, ``lambda_eff = lambda_t * lambda_{t+1} * ... * lambda_{t+k-1}``: ``P`` is divided
-          by ``lambda_eff`` once (the paper divides by each ``lambda_j`` in turn, so the total
-          inflation of ``P`` is the same), and the measurement noise is ``L * lambda_eff``
-          for all ``k`` (paper: ``L * lambda_j`` for measurement ``j``). Dividing by
-          ``lambda_t`` alone would forget ~``k`` times less; measured on the short Cu
-          training test it then did not learn forces at all within 720 measurements;
+          use, ``lambda_eff = lambda_t * lambda_{t+1} * ... * lambda_{t+k-1}`` (the same total
+          inflation of ``P``), and the measurement noise is ``L * lambda_eff`` for all ``k``;
         * the schedule then advances by ``k`` measurements,
           ``lambda <- 1 - (1 - lambda) * nu**k``, i.e. ``lambda`` is the same function of
           :attr:`n_updates` as in the paper (``1 - lambda_t = (1 - lambda_1) nu^(t-1)``).
 
         Counters: an applied call adds ``k`` to :attr:`n_updates`; a skipped one (non-finite
-        errors, gradients or ``A``, or ``A`` not positive definite) adds ``k`` to
-        :attr:`n_skipped` and leaves ``P``, the weights and ``lambda`` untouched.
-        :attr:`last_innovation` becomes ``tr(A) / k`` (``a`` itself for ``k = 1``). Periodic
-        symmetrization runs when :attr:`n_updates` crosses a multiple of
-        ``symmetrize_every``.
+        errors, gradients or ``A``, ``A`` not positive definite, or a block that lost
+        definiteness) adds ``k`` to :attr:`n_skipped` and leaves the weights and ``lambda``
+        untouched. :attr:`last_innovation` becomes ``tr(A) / k`` (``a`` itself for ``k = 1``).
 
         Args:
             errors: The ``k`` errors ``eps_j`` (after the sign trick): a sequence of floats or
@@ -524,24 +817,31 @@ class RLEKF(Optimizer):
                 parameter, as returned by ``torch.autograd.grad(..., allow_unused=True)``.
 
         Returns:
-            The :class:`~rlekf.optim.RLEKFRankKUpdate` of the functional update.
+            The :class:`~rlekf.optim.RLEKFRankKUpdate` (innovation matrix, whether applied,
+            the per-block increments in the optimizer's order).
 
         Raises:
             ValueError: On mismatched shapes or sparse gradients.
         """
         if isinstance(errors, Tensor):
-            eps = errors.detach().reshape(-1)
+            eps = errors.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
         else:  # Python floats: float64, not the default dtype
             eps = torch.as_tensor([float(e) for e in errors], dtype=torch.float64)
         k = eps.numel()
         if k == 0:
             raise ValueError("RLEKF.step_k needs at least one error")
         rows = self._gradient_rows(grads, k)
-        P = self._covariance()
-        H = [rows[:, b.offset : b.offset + b.numel].mT for b in self._blocks]
-        res = rlekf_update_rank_k(P, H, eps, self._lam_product(k))
-        self._finish_k(res, P)
-        return res
+        rows = self._reduce_rows(rows, isinstance(grads, Tensor))
+        res = self._kalman(rows, eps, self._lam_product(k))
+        self._finish(res, k)
+        increments: tuple[Tensor, ...] = ()
+        if res.applied:
+            increments = tuple(self._last_increments())
+        return RLEKFRankKUpdate(res.innovation, res.applied, increments)
+
+    def _last_increments(self) -> list[Tensor]:
+        """Per-block increments of the last applied update (from the stored scatter)."""
+        return list(self._last_dw)
 
     def _lam_product(self, k: int) -> float:
         """``lambda_t * ... * lambda_{t+k-1}``: the factors ``k`` paper updates would use."""
@@ -549,57 +849,58 @@ class RLEKF(Optimizer):
         nu = self._group["nu"]
         return math.prod([lam] + [1.0 - (1.0 - lam) * nu**j for j in range(1, k)])
 
-    def _finish_k(self, res: RLEKFRankKUpdate, P: Sequence[Tensor]) -> None:
-        """Bookkeeping after a rank-k update: weights, counters, lambda, symmetrisation."""
-        group = self._group
-        anchor = self._anchor
-        k = res.innovation.shape[0]
-        anchor[_LAST_A] = float(res.innovation.diagonal().mean())
-        if not res.applied:
-            anchor[_N_SKIPPED] = int(anchor[_N_SKIPPED]) + k
-            return
-        self._scatter(res.increments)
-        lam = float(anchor[_LAM])
-        before = int(anchor[_N_UPDATES])
-        anchor[_N_UPDATES] = n = before + k
-        nu_k = group["nu"] ** k
-        anchor[_LAM] = nu_k * lam + 1.0 - nu_k  # = 1 - (1 - lam) nu^k; k = 1: as in step
-        every = group["symmetrize_every"]
-        if every and n // every > before // every:
-            for p_i in P:
-                symmetrize_(p_i)
-
     # ------------------------------------------------------------------ logging
     @torch.no_grad()
     def kalman_stats(self) -> dict[str, Any]:
         """Scalars for logging.
 
         Returns:
-            ``{"lambda", "n_updates", "n_skipped", "last_innovation", "block_sizes",
-            "trace", "min_diag"}``; ``trace`` and ``min_diag`` are per-block lists of
-            ``tr(P_i)`` and ``min(diag(P_i))``.
+            ``{"lambda", "n_updates", "n_skipped", "n_indefinite", "last_innovation",
+            "block_sizes", "trace", "min_diag"}``; ``trace`` and ``min_diag`` are per-block
+            lists of ``tr(P_i)`` and ``min(diag(P_i))``.
         """
         values = self._diag_stats()
         return {
             "lambda": self.lam,
             "n_updates": self.n_updates,
             "n_skipped": self.n_skipped,
+            "n_indefinite": self.n_indefinite,
             "last_innovation": self.last_innovation,
             "block_sizes": self.block_sizes,
             "trace": [v[0] for v in values],
             "min_diag": [v[1] for v in values],
         }
 
+    def _local_diag(self) -> list[Tensor]:
+        """``diag(P_i)`` (float64) of the local blocks, pending corrections included."""
+        groups = self._storage()
+        scales = self._anchor[_P_SCALE]
+        out: list[Tensor | None] = [None] * len(scales)
+        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
+            d = g.diagonal().to(torch.float64)
+            V = self._pending[gi]
+            if V is not None:
+                d = d - (V.to(torch.float64) ** 2).sum(-1)
+            for j, pos in enumerate(members):
+                out[pos] = d[j] * scales[pos]
+        return [t for t in out if t is not None]
+
     def _diag_stats(self) -> list[list[float]]:
         """``[tr(P_i), min(diag(P_i))]`` of every block, in block order."""
-        return torch.stack(
-            [
-                torch.stack([p.diagonal().sum(), p.diagonal().min()]).double()
-                for p in self._covariance()
-            ]
-        ).tolist()
+        return torch.stack([torch.stack([d.sum(), d.min()]) for d in self._local_diag()]).tolist()
 
     # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state: ``lambda``, counters and, under ``"P"``, every stored block.
+
+        ``state[anchor]["P"]`` holds each block's packed lower tiles (1-D, ``p_dtype``, see
+        :func:`~rlekf.optim.tiled.pack_lower_tiles`) and ``state[anchor]["P_scale"]`` the
+        float64 scales, so ``P_i = P_scale[i] * unpack(P[i])``; the tile edge and the weight
+        order are in the parameter group. Pending corrections are applied first.
+        """
+        self.flush()
+        return super().state_dict()
+
     def _saved_anchor(self, state_dict: dict[str, Any]) -> tuple[dict, Any, dict]:
         """Check that ``state_dict`` is an RLEKF state dict for these parameters.
 
@@ -627,10 +928,10 @@ class RLEKF(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`, keeping ``P`` in its own dtype.
 
-        :meth:`torch.optim.Optimizer.load_state_dict` casts floating state to the dtype of
-        the parameter it is stored under; the covariance blocks are taken out before that
-        and restored afterwards in the (loaded) ``p_dtype`` on the parameters' device, so a
-        save/load round trip is bit-exact. ``lambda`` and the counters are Python scalars.
+        Also loads the state dicts of earlier versions (full ``(n_i, n_i)`` blocks under
+        ``"P"``, no ``weight_order``: they keep the order they were written with,
+        ``"storage"``). The covariance is restored in the loaded ``p_dtype`` on the
+        parameters' device, bit-exact; ``lambda`` and the counters are Python scalars.
 
         Raises:
             ValueError: If the state dict is not an RLEKF state dict or its block sizes do
@@ -638,20 +939,27 @@ class RLEKF(Optimizer):
         """
         saved_state, anchor_id, saved_anchor = self._saved_anchor(state_dict)
         saved_p = saved_anchor.get(_P)
+        tile = int(state_dict["param_groups"][0].get("tile", self.tile))
         if saved_p is not None:
             self._check_layout(
                 saved_p,
+                tile,
                 "Use the same parameters (in the same order) and block_size as the run that "
                 "saved it.",
             )
         self._restore(dict(state_dict), saved_state, anchor_id, saved_anchor, saved_p)
 
-    def _check_layout(self, saved_p: Sequence[Tensor], advice: str) -> None:
-        """Raise ``ValueError`` unless ``saved_p`` are square blocks of :attr:`block_sizes`."""
-        found = [
-            tuple(t.shape) if t.dim() != 2 or t.shape[0] != t.shape[1] else t.shape[0]
-            for t in saved_p
-        ]
+    def _check_layout(self, saved_p: Sequence[Tensor], tile: int, advice: str) -> None:
+        """Raise ``ValueError`` unless ``saved_p`` are blocks of :attr:`block_sizes` (packed
+        lower tiles of edge ``tile``, or full square matrices of earlier versions)."""
+        found: list[Any] = []
+        for t in saved_p:
+            n = None
+            if t.dim() == 2 and t.shape[0] == t.shape[1]:
+                n = int(t.shape[0])
+            elif t.dim() == 1:
+                n = packed_block_size(t.numel(), tile)
+            found.append(tuple(t.shape) if n is None else n)
         if found != self.block_sizes:
             raise ValueError(
                 "RLEKF state dict block layout does not match: expected block sizes "
@@ -665,22 +973,44 @@ class RLEKF(Optimizer):
         anchor_id: Any,
         saved_anchor: dict,
         blocks: Sequence[Tensor] | None,
+        scales: Sequence[float] | None = None,
     ) -> None:
         """Load ``top`` with the anchor's ``P`` taken out, then set ``P`` to ``blocks``.
 
         The base class gets a shallow copy without ``P``, so it does not cast ``P`` to the
-        parameters' dtype; ``blocks`` (this optimizer's, in order) are restored in the loaded
-        ``p_dtype`` on the parameters' device. ``blocks=None`` leaves ``P`` unallocated.
+        parameters' dtype; ``blocks`` (this optimizer's local blocks, in order: packed lower
+        tiles, or full matrices of earlier versions) are stored in the loaded ``p_dtype`` on
+        the parameters' device. ``blocks=None`` leaves ``P`` unallocated.
         """
-        stripped_anchor = {k: v for k, v in saved_anchor.items() if k != _P}
+        if scales is None:
+            scales = saved_anchor.get(_P_SCALE)
+        stripped_anchor = {k: v for k, v in saved_anchor.items() if k not in (_P, _P_SCALE)}
         top["state"] = {**saved_state, anchor_id: stripped_anchor}
         Optimizer.load_state_dict(self, top)
 
         group = self._group
         group["p_dtype"] = _resolve_p_dtype(group.get("p_dtype", "float64"))
-        self._work = None
-        if blocks is not None:
-            device = group["params"][0].device
-            self._anchor[_P] = [
-                t.detach().to(device=device, dtype=self.p_dtype, copy=True) for t in blocks
-            ]
+        group.setdefault("tile", DEFAULT_TILE)
+        group.setdefault("batch_blocks", None)
+        # written before weight_order existed: the order of that run
+        group.setdefault("weight_order", "storage")
+        self._anchor.setdefault(_N_INDEF, 0)
+        self._perm = weight_permutation(group["params"], group["weight_order"])
+        self._groups = None
+        self._pending = []
+        if blocks is None:
+            return
+        groups = self._storage()
+        anchor = self._anchor
+        local = list(self._local_block_indices())
+        if scales is None:
+            scales = [1.0] * len(local)
+        anchor[_P_SCALE] = [float(c) for c in scales]
+        tile = int(group["tile"])
+        device = group["params"][0].device
+        for g, members in zip(groups, self._members, strict=True):
+            for j, pos in enumerate(members):
+                t = blocks[pos].detach().to(device=device, dtype=self.p_dtype)
+                if t.dim() == 2:  # a full block of an earlier version
+                    t = pack_lower_tiles(t, tile)
+                g.load_(j, t)

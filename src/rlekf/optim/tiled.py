@@ -1,0 +1,297 @@
+"""Symmetric covariance blocks stored as their lower tiles, updated in one pass per update.
+
+A covariance block ``P`` (``n x n``, symmetric positive semi-definite) is held as
+
+.. code-block:: text
+
+    P = c * (S - V V^T)
+
+* ``S``: the square tiles of edge ``T`` on and below the diagonal (diagonal tiles whole, both
+  triangles; the last row/column of tiles is narrower when ``T`` does not divide ``n``),
+  packed one after another in row-major tile order ``(0,0), (1,0), (1,1), (2,0), ...`` into a
+  flat buffer of :func:`lower_tile_numel` ``(n, T) ~ n**2/2 + n*T/2`` elements;
+* ``c``: a float64 scale; the forgetting factor is folded into it (``P / lam`` is
+  ``c <- c / lam``, no pass over ``S``);
+* ``V``: an optional pending correction ``(n x k)`` that the next sweep applies tile by tile
+  while it computes ``S H`` (the deferred correction: one read and one write of ``S`` per
+  Kalman update instead of a read for ``P H`` and a read + write for the correction).
+
+Equal-size blocks form a :class:`TileGroup`: their buffers are the rows of one ``(B, m)``
+tensor, so each tile of the group is one ``(B, rows, cols)`` strided view and every step of a
+sweep is one batched BLAS call (``baddbmm``) for all ``B`` blocks. A group of one block uses
+matrix-vector kernels for rank-1 sweeps.
+
+The pure update math on the per-block results (innovation, gains, pending factors) lives in
+:mod:`rlekf.optim.functional` (:func:`~rlekf.optim.functional.tiled_rank1_factors`,
+:func:`~rlekf.optim.functional.tiled_rank_k_factors`); this module only stores and traverses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_TILE",
+    "TileGroup",
+    "lower_tile_numel",
+    "pack_lower_tiles",
+    "packed_block_size",
+    "tile_edges",
+    "unpack_lower_tiles",
+]
+
+# Tile edge in elements. 256 x 256 float64 tiles (512 KiB) stay in a 1 MiB L2 cache between
+# the correction and the two products of a sweep step; chosen by `make bench` (README).
+DEFAULT_TILE = 256
+
+
+def tile_edges(n: int, tile: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` of the tile rows/columns of an ``n x n`` block."""
+    if n <= 0 or tile <= 0:
+        raise ValueError(f"tile_edges needs n > 0 and tile > 0, got n={n}, tile={tile}")
+    return [(s, min(s + tile, n)) for s in range(0, n, tile)]
+
+
+def _layout(n: int, tile: int) -> list[tuple[int, int, int, int, int, int, int]]:
+    """``(r, c, r0, r1, c0, c1, offset)`` of every lower tile, in packing order."""
+    edges = tile_edges(n, tile)
+    out = []
+    off = 0
+    for r, (r0, r1) in enumerate(edges):
+        for c in range(r + 1):
+            c0, c1 = edges[c]
+            out.append((r, c, r0, r1, c0, c1, off))
+            off += (r1 - r0) * (c1 - c0)
+    return out
+
+
+def lower_tile_numel(n: int, tile: int) -> int:
+    """Elements stored for one ``n x n`` block: the tiles on and below the diagonal."""
+    edges = tile_edges(n, tile)
+    sizes = [b - a for a, b in edges]
+    return sum(sizes[r] * sizes[c] for r in range(len(sizes)) for c in range(r + 1))
+
+
+def packed_block_size(numel: int, tile: int) -> int | None:
+    """The ``n`` whose packed lower tiles have ``numel`` elements, or ``None``."""
+    lo, hi = 1, max(1, int(numel))
+    while lo <= hi:  # lower_tile_numel grows strictly with n
+        mid = (lo + hi) // 2
+        m = lower_tile_numel(mid, tile)
+        if m == numel:
+            return mid
+        if m < numel:
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return None
+
+
+def pack_lower_tiles(dense: Tensor, tile: int) -> Tensor:
+    """The packed lower tiles (1-D, a copy) of a square matrix ``dense`` (``(n, n)``)."""
+    if dense.dim() != 2 or dense.shape[0] != dense.shape[1]:
+        raise ValueError(f"pack_lower_tiles needs a square matrix, got {tuple(dense.shape)}")
+    n = dense.shape[0]
+    out = torch.empty(lower_tile_numel(n, tile), dtype=dense.dtype, device=dense.device)
+    for _, _, r0, r1, c0, c1, off in _layout(n, tile):
+        out[off : off + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0).copy_(dense[r0:r1, c0:c1])
+    return out
+
+
+def unpack_lower_tiles(packed: Tensor, n: int, tile: int) -> Tensor:
+    """The full symmetric ``(n, n)`` matrix of packed lower tiles (the upper triangle of
+    each off-diagonal tile pair is the transpose; diagonal tiles are taken as stored)."""
+    if packed.dim() != 1 or packed.numel() != lower_tile_numel(n, tile):
+        raise ValueError(
+            f"packed lower tiles of a {n} x {n} block with tile {tile} need "
+            f"{lower_tile_numel(n, tile)} elements, got shape {tuple(packed.shape)}"
+        )
+    out = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
+    for r, c, r0, r1, c0, c1, off in _layout(n, tile):
+        t = packed[off : off + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+        out[r0:r1, c0:c1].copy_(t)
+        if r != c:
+            out[c0:c1, r0:r1].copy_(t.mT)
+    return out
+
+
+class TileGroup:
+    """``B`` symmetric ``n x n`` blocks of one size, as lower tiles in one ``(B, m)`` buffer.
+
+    Holds only ``S`` (see the module docstring); the scales ``c`` and pending corrections
+    ``V`` belong to the caller (the optimizer), which passes ``V`` to :meth:`sweep_`.
+
+    Args:
+        n: Block size.
+        count: Number of blocks ``B``.
+        tile: Tile edge ``T``.
+        dtype: Storage dtype of ``S`` (float64 or float32).
+        device: Where ``S`` lives.
+        diag: Initial value of the diagonal (``S = diag * I``).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        count: int,
+        tile: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        diag: float = 1.0,
+    ) -> None:
+        if count <= 0:
+            raise ValueError(f"TileGroup needs count > 0, got {count}")
+        self.n, self.count, self.tile = int(n), int(count), int(tile)
+        self.layout = _layout(self.n, self.tile)
+        self.numel = lower_tile_numel(self.n, self.tile)
+        self.buffer = torch.zeros(self.count, self.numel, dtype=dtype, device=device)
+        self.tiles: list[Tensor] = []  # (B, rows, cols) views, in layout order
+        for _, _, r0, r1, c0, c1, off in self.layout:
+            size = (r1 - r0) * (c1 - c0)
+            self.tiles.append(self.buffer[:, off : off + size].view(self.count, r1 - r0, c1 - c0))
+        self._diag_tiles = [
+            t for (r, c, *_), t in zip(self.layout, self.tiles, strict=True) if r == c
+        ]
+        for t in self._diag_tiles:
+            t.diagonal(dim1=1, dim2=2).fill_(diag)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of ``S``."""
+        return self.buffer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of ``S``."""
+        return self.buffer.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tiles."""
+        return self.buffer.numel() * self.buffer.element_size()
+
+    # ------------------------------------------------------------------ one pass
+    @torch.no_grad()
+    def sweep_(self, H: Tensor, V: Tensor | None = None, *, symmetrize: bool = False) -> Tensor:
+        """Apply the pending correction ``S <- S - V V^T`` and return ``S H``, in one pass.
+
+        Every tile is read and written once: the correction is subtracted from it, then it is
+        used (while in cache) for its share of ``S H`` and, off the diagonal, of its transpose.
+
+        Args:
+            H: ``(B, n, k)`` in the storage dtype.
+            V: ``(B, n, k')`` pending factors in the storage dtype, or ``None``.
+            symmetrize: Also replace every diagonal tile by ``(t + t^T) / 2`` after its
+                correction (the off-diagonal tiles are the only copy of their entries, so
+                only diagonal tiles can drift from symmetry through rounding).
+
+        Returns:
+            ``Y = S H`` (after the correction), ``(B, n, k)`` in the storage dtype.
+        """
+        B, n, k = H.shape
+        if B != self.count or n != self.n:
+            raise ValueError(
+                f"sweep_: H has shape {tuple(H.shape)}, expected ({self.count}, {self.n}, k)"
+            )
+        Y = torch.zeros_like(H)
+        if B == 1 and k == 1 and (V is None or V.shape[2] == 1):
+            self._sweep_vec(H[0, :, 0], None if V is None else V[0, :, 0], Y[0, :, 0], symmetrize)
+            return Y
+        vec = V is not None and B == 1 and V.shape[2] == 1
+        for (r, c, r0, r1, c0, c1, _), t in zip(self.layout, self.tiles, strict=True):
+            if V is not None:
+                _correct_(t, V, r0, r1, c0, c1, vec)
+            if r == c:
+                if symmetrize:
+                    t.copy_((t + t.mT).mul_(0.5))
+                Y[:, r0:r1].baddbmm_(t, H[:, c0:c1])
+            else:
+                Y[:, r0:r1].baddbmm_(t, H[:, c0:c1])
+                Y[:, c0:c1].baddbmm_(t.mT, H[:, r0:r1])
+        return Y
+
+    def _sweep_vec(self, h: Tensor, v: Tensor | None, y: Tensor, symmetrize: bool) -> None:
+        """Rank-1 sweep of a one-block group with matrix-vector kernels."""
+        for (r, c, r0, r1, c0, c1, _), t3 in zip(self.layout, self.tiles, strict=True):
+            t = t3[0]
+            if v is not None:
+                t.addr_(v[r0:r1], v[c0:c1], alpha=-1.0)
+            if r == c:
+                if symmetrize:
+                    t.copy_((t + t.mT).mul_(0.5))
+                y[r0:r1].addmv_(t, h[c0:c1])
+            else:
+                y[r0:r1].addmv_(t, h[c0:c1])
+                y[c0:c1].addmv_(t.mT, h[r0:r1])
+
+    @torch.no_grad()
+    def apply_(self, V: Tensor) -> None:
+        """``S <- S - V V^T`` (a flush of the pending correction), ``V`` ``(B, n, k)``.
+
+        Uses the kernels a sweep would use for the same ``V``, so flushing and leaving the
+        correction to the next sweep give the same bits.
+        """
+        vec = self.count == 1 and V.shape[2] == 1
+        for (_, _, r0, r1, c0, c1, _), t in zip(self.layout, self.tiles, strict=True):
+            _correct_(t, V, r0, r1, c0, c1, vec)
+
+    # ------------------------------------------------------------------ access
+    def packed(self, j: int) -> Tensor:
+        """Block ``j``'s packed lower tiles (a view of the storage)."""
+        return self.buffer[j]
+
+    def diagonal(self) -> Tensor:
+        """``diag(S)`` of every block, ``(B, n)`` (a copy)."""
+        out = torch.empty(self.count, self.n, dtype=self.dtype, device=self.device)
+        for (r, c, r0, r1, *_), t in zip(self.layout, self.tiles, strict=True):
+            if r == c:
+                out[:, r0:r1].copy_(t.diagonal(dim1=1, dim2=2))
+        return out
+
+    @torch.no_grad()
+    def add_diagonal_(self, j: int, value: float) -> None:
+        """``S_j <- S_j + value * I``."""
+        for t in self._diag_tiles:
+            t[j].diagonal().add_(value)
+
+    @torch.no_grad()
+    def symmetrize_diagonal_(self) -> None:
+        """Replace every diagonal tile by ``(t + t^T) / 2``."""
+        for t in self._diag_tiles:
+            t.copy_((t + t.mT).mul_(0.5))
+
+    def dense(self, j: int) -> Tensor:
+        """Block ``j``'s ``S`` as a full ``(n, n)`` matrix (a copy)."""
+        return unpack_lower_tiles(self.buffer[j], self.n, self.tile)
+
+    @torch.no_grad()
+    def load_(self, j: int, packed: Tensor) -> None:
+        """Set block ``j``'s ``S`` from packed lower tiles (same ``n`` and tile)."""
+        if packed.dim() != 1 or packed.numel() != self.numel:
+            raise ValueError(
+                f"packed tiles of shape {tuple(packed.shape)} do not fit a {self.n} x {self.n} "
+                f"block with tile {self.tile} ({self.numel} elements)"
+            )
+        self.buffer[j].copy_(packed)
+
+
+def _correct_(t: Tensor, V: Tensor, r0: int, r1: int, c0: int, c1: int, vec: bool) -> None:
+    """One tile's share of ``S <- S - V V^T``: ``t -= V[rows] V[cols]^T``."""
+    if vec:
+        t[0].addr_(V[0, r0:r1, 0], V[0, c0:c1, 0], alpha=-1.0)
+    else:
+        t.baddbmm_(V[:, r0:r1], V[:, c0:c1].mT, alpha=-1.0)
+
+
+def group_blocks(sizes: Sequence[int], batch: bool) -> list[list[int]]:
+    """Indices (into ``sizes``) of the blocks of each group: equal sizes together when
+    ``batch``, else one block per group; groups in order of their first block."""
+    if not batch:
+        return [[i] for i in range(len(sizes))]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(sizes):
+        groups.setdefault(n, []).append(i)
+    return list(groups.values())
