@@ -154,6 +154,35 @@ def test_float32_model_runs_and_agrees():
     assert torch.allclose(out[K.FORCES].double(), m64(batch)[K.FORCES], atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_scripted_model_is_the_same_forward_pass(dtype):
+    frames = [water_like_frame(0), water_like_frame(1)]
+    small = {"embedding": [8, 16], "fitting": [16, 16], "axis_neuron": 4}
+    m64, batch = model_and_batch(frames, ["H", "O"], [80, 40], **small)
+    model = DeepPotential(["H", "O"], sel=[80, 40], dtype=dtype, **small)
+    model.load_state_dict(m64.state_dict())
+    scripted = torch.jit.script(model)
+    for forces, virial in ((False, False), (True, False), (True, True)):
+        ref = model(batch, forces=forces, virial=virial)
+        out = scripted(batch, forces=forces, virial=virial)
+        assert set(out) == set(ref)
+        for key in ref:
+            assert out[key].dtype == ref[key].dtype
+            torch.testing.assert_close(out[key], ref[key].detach(), rtol=0, atol=0)
+    # training through the scripted model: the force graph is kept (create_graph)
+    grads = []
+    for net in (model, scripted):
+        model.zero_grad(set_to_none=True)
+        (net(batch, forces=True, create_graph=True)[K.FORCES] ** 2).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert sum(g is not None for g in grads[0]) > len(grads[0]) // 2
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="sel"):
         DeepPotential(["Cu", "O"], sel=[10])
