@@ -12,6 +12,7 @@ from torch import nn
 from rlekf.data import keys as K
 from rlekf.optim import RLEKF, rlekf_update, rlekf_update_rank_k
 from rlekf.training.updaters import KalmanUpdater
+from tests.helpers import measurements as M
 from tests.helpers.frames import cu_frame, model_and_batch
 
 DT = torch.float64
@@ -280,14 +281,39 @@ def test_fused_measurements_equal_paper_measurements_at_same_weights(setup):
         ej, _ = paper.force_measurement(model, batch, 4, group)
         assert torch.equal(eps[j], ej)
         assert torch.allclose(_flat(grads[j], params), _dot_grads(model), rtol=1e-12, atol=0)
-    # an independent formula for the last force group (reference §1.5)
-    g = groups[-1]
-    f = model(batch, forces=True, create_graph=True)[K.FORCES].reshape(3, 4, 3)[:, g]
-    delta = 2.0 * (batch[K.FORCES].reshape(3, 4, 3)[:, g] - f.detach())
-    scalar = (torch.sign(delta) * 2.0 * f).sum() / (4 * 2 * 3)
-    ref = torch.autograd.grad(scalar, params, allow_unused=True)
-    assert math.isclose(float(eps[-1]), math.sqrt(3) * float(delta.abs().mean()) / 4)
-    assert torch.allclose(_flat(grads[-1], params), _flat(ref, params), rtol=1e-12, atol=1e-15)
+    model.zero_grad()
+
+
+def test_fused_measurements_match_hand_reference(setup):
+    """Every one of the k fused measurements against the numpy/finite-difference reference
+    (tests/helpers/measurements.py), at the batch's starting weights: ε by hand, H·v by central
+    differences of the signed, scaled prediction over the weights."""
+    model, batch = setup
+    params = list(model.parameters())
+    up = KalmanUpdater(energy_prefactor=1.5, force_prefactor=2.0, mode="fused")
+    groups = torch.tensor([[0, 2], [3, 3], [1, 0]])  # a repeated atom counts twice
+    eps, grads, _ = up.fused_measurements(model, batch, 4, groups, params)
+    assert eps.shape == (4,) and len(grads) == 4
+    e = M.predict(model, batch, forces=False)[K.ENERGY]
+    f = M.predict(model, batch, forces=True)[K.FORCES]
+    refs = [M.energy_reference(batch[K.ENERGY], e, 4, 1.5)]
+    refs += [M.force_reference(batch[K.FORCES], f, 4, g, 2.0) for g in groups]
+    for j, ((ref_eps, signs), g_j) in enumerate(zip(refs, grads, strict=True)):
+        assert float(eps[j]) == pytest.approx(ref_eps, rel=1e-12), j
+        if j == 0:
+
+            def scalar(o, signs=signs):
+                return M.energy_scalar(o, signs, 4, 1.5)
+
+        else:
+
+            def scalar(o, signs=signs, g=groups[j - 1]):
+                return M.force_scalar(o, signs, 4, g, 2.0)
+
+        h = _flat(g_j, params)
+        for v in M.random_directions(model, 2, seed=j):
+            fd = M.fd_directional(model, batch, scalar, v, forces=j > 0)
+            assert float(h @ v) == pytest.approx(fd, rel=1e-6, abs=1e-12), j
     model.zero_grad()
 
 

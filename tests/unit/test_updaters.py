@@ -11,6 +11,7 @@ from rlekf.data import keys as K
 from rlekf.data.dataset import GroupedBatchSampler, collate_atoms, frame_to_item
 from rlekf.optim import RLEKF
 from rlekf.training.updaters import GradientUpdater, KalmanUpdater, deepmd_lr
+from tests.helpers import measurements as M
 from tests.helpers.frames import cu_frame, model_and_batch
 
 SMALL = {"embedding": (4, 8), "fitting": (8, 8), "axis_neuron": 4}
@@ -32,36 +33,131 @@ def _grads(model):
     )
 
 
-def test_energy_measurement_matches_reference_formula(setup):
+def _h_dot(h: torch.Tensor, v: torch.Tensor) -> float:
+    return float(h.double() @ v.double())
+
+
+def test_energy_measurement_matches_hand_reference(setup):
+    """ε by hand (numpy loops) and H·v by finite differences over the weights (§1.4)."""
     model, batch = setup
+    e_pred = M.predict(model, batch, forces=False)[K.ENERGY]
+    batch = dict(batch)  # labels on both sides of the prediction: the sign trick matters
+    batch[K.ENERGY] = e_pred + torch.tensor([0.3, -0.2, 0.05], dtype=e_pred.dtype)
     up = KalmanUpdater(energy_prefactor=1.5)
     model.zero_grad()
     eps, out = up.energy_measurement(model, batch, n=4)
     h = _grads(model)
-    # independent computation: ε = sqrt(bs)·mean|p·e_b|, H = ∇ Σ_b s_b·p·E_b/n
     model.zero_grad()
-    e_pred = model(batch, forces=False)[K.ENERGY]
-    err = (batch[K.ENERGY] - e_pred.detach()) / 4
-    ref_eps = math.sqrt(3) * (1.5 * err).abs().mean()
-    (torch.sign(err) * 1.5 * e_pred / 4).sum().backward()
-    assert torch.allclose(eps, ref_eps, rtol=1e-14, atol=0)
-    assert torch.allclose(h, _grads(model), rtol=1e-12, atol=1e-15)
+    ref_eps, signs = M.energy_reference(batch[K.ENERGY], e_pred, n=4, p=1.5)
+    assert signs.tolist() == [1.0, -1.0, 1.0]
+    # by hand: sqrt(3) * 1.5 * (0.3 + 0.2 + 0.05) / 4 / 3
+    assert ref_eps == pytest.approx(math.sqrt(3) * 1.5 * 0.55 / 12, rel=1e-9)
+    assert float(eps) == pytest.approx(ref_eps, rel=1e-12)
+    for v in M.random_directions(model, 3):
+        fd = M.fd_directional(model, batch, lambda o: M.energy_scalar(o, signs, 4, 1.5), v, False)
+        assert _h_dot(h, v) == pytest.approx(fd, rel=1e-6, abs=1e-12)
 
 
-def test_force_measurement_matches_reference_formula(setup):
+def test_force_measurement_matches_hand_reference(setup):
+    """A group with a repeated atom: ε by hand and H·v by finite differences (§1.5)."""
     model, batch = setup
-    up = KalmanUpdater(force_prefactor=2.0, n_select=2, group_size=2)
-    atoms = torch.tensor([1, 3])
+    up = KalmanUpdater(force_prefactor=2.0, n_select=3, group_size=3)
+    atoms = torch.tensor([1, 3, 3])  # drawn with replacement: atom 3 counts twice
     model.zero_grad()
     eps, _ = up.force_measurement(model, batch, 4, atoms)
     h = _grads(model)
     model.zero_grad()
-    f = model(batch, forces=True, create_graph=True)[K.FORCES].reshape(3, 4, 3)[:, atoms]
-    delta = 2.0 * (batch[K.FORCES].reshape(3, 4, 3)[:, atoms] - f.detach())
-    ref_eps = math.sqrt(3) * delta.abs().mean() / 4
-    (torch.sign(delta) * 2.0 * f).sum().div(4 * 2 * 3).backward()
-    assert torch.allclose(eps, ref_eps, rtol=1e-14, atol=0)
-    assert torch.allclose(h, _grads(model), rtol=1e-12, atol=1e-15)
+    f_pred = M.predict(model, batch, forces=True)[K.FORCES]
+    ref_eps, signs = M.force_reference(batch[K.FORCES], f_pred, 4, atoms, p=2.0)
+    assert float(eps) == pytest.approx(ref_eps, rel=1e-12)
+
+    def scalar(o):
+        return M.force_scalar(o, signs, 4, atoms, 2.0)
+
+    for v in M.random_directions(model, 3, seed=1):
+        fd = M.fd_directional(model, batch, scalar, v, True)
+        assert _h_dot(h, v) == pytest.approx(fd, rel=1e-6, abs=1e-12)
+
+
+class _RecordingOptimizer:
+    """Stands in for RLEKF: records each measurement (ε, weights, H) and moves the weights.
+
+    The move is a fixed-size step along H, so that every measurement changes the
+    predictions seen by the next one.
+    """
+
+    def __init__(self, model, step_size: float = 0.3) -> None:
+        self.model = model
+        self.param_groups = [{"params": list(model.parameters())}]
+        self.step_size = step_size
+        self.records: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for q in self.model.parameters():
+            q.grad = None
+
+    def step(self, error=None, closure=None, grads=None) -> None:
+        h = _grads(self.model)
+        w = M.flat_weights(self.model)
+        self.records.append((float(error), w, h))
+        M.set_weights(self.model, w + self.step_size * h / h.norm())
+
+
+def test_paper_mode_runs_a_fresh_forward_pass_per_measurement(setup):
+    """Group j is measured at the weights left by update j - 1 (reference §1.5)."""
+    model, batch = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    up = KalmanUpdater(energy_prefactor=1.0, force_prefactor=2.0, n_select=6, group_size=2)
+    draws = torch.randint(4, (6,), generator=torch.Generator().manual_seed(0)).reshape(3, 2)
+    calls = []
+    orig_forward = model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(kwargs.get("forces", False))
+        return orig_forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    opt = _RecordingOptimizer(model)
+    try:
+        up.update(model, batch, opt)
+    finally:
+        del model.forward
+    assert calls == [False, True, True, True]  # one energy pass, then one per force group
+    assert len(opt.records) == 4
+    w_start = opt.records[0][1]
+    for j, (eps, w, h) in enumerate(opt.records):
+        if j > 0:  # measured at the weights after the previous update, not the batch's start
+            prev_eps, prev_w, prev_h = opt.records[j - 1]
+            assert torch.allclose(w, prev_w + 0.3 * prev_h / prev_h.norm(), rtol=0, atol=1e-14)
+        M.set_weights(model, w)
+        if j == 0:
+            e = M.predict(model, batch, forces=False)[K.ENERGY]
+            ref, signs = M.energy_reference(batch[K.ENERGY], e, 4, 1.0)
+
+            def scalar(o, signs=signs):
+                return M.energy_scalar(o, signs, 4, 1.0)
+
+        else:
+            group = draws[j - 1]
+            f = M.predict(model, batch, forces=True)[K.FORCES]
+            ref, signs = M.force_reference(batch[K.FORCES], f, 4, group, 2.0)
+
+            def scalar(o, signs=signs, group=group):
+                return M.force_scalar(o, signs, 4, group, 2.0)
+
+            # a prediction left over from the batch's starting weights would give another ε
+            # (far outside the 1e-12 tolerance of the check below)
+            M.set_weights(model, w_start)
+            f0 = M.predict(model, batch, forces=True)[K.FORCES]
+            stale, _ = M.force_reference(batch[K.FORCES], f0, 4, group, 2.0)
+            assert abs(stale - ref) > 1e-6 * ref
+            M.set_weights(model, w)
+        assert eps == pytest.approx(ref, rel=1e-12), j
+        v = M.random_directions(model, 1, seed=10 + j)[0]
+        assert _h_dot(h, v) == pytest.approx(
+            M.fd_directional(model, batch, scalar, v, j > 0), rel=1e-6, abs=1e-12
+        ), j
+    model.load_state_dict(state)
 
 
 def test_update_makes_one_energy_and_n_select_over_group_force_updates(setup):
