@@ -298,8 +298,6 @@ def test_held_out_frame_ranges_are_checked(tmp_path, xyz_files):
         )
     with pytest.raises(ValueError, match="also in data.path"):
         AtomsDataModule(val_path=xyz_files[1], test_path=xyz_files[0], **kw)
-    with pytest.raises(ValueError, match="test_frames needs data.test_path"):
-        AtomsDataModule(val_path=xyz_files[1], test_frames=[0, 2], **kw)
     with pytest.raises(ValueError, match="start < stop"):
         AtomsDataModule(val_path=xyz_files[1], val_frames=[6, 6], **kw)
     dm = AtomsDataModule(val_path=xyz_files[1], val_frames=[0, 13], **kw)

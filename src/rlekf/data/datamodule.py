@@ -164,7 +164,8 @@ class AtomsDataModule(L.LightningDataModule):
         val_path: explicit validation data (overrides ``val_fraction``).
         test_path: explicit test data (overrides ``test_fraction``).
         val_frames: keep only frames ``[start, stop)`` of ``val_path`` (``[start, stop]`` or
-            ``"start:stop"``; indices over the frames of all ``val_path`` files in order).
+            ``"start:stop"``; indices over the frames of all ``val_path`` files in order;
+            unused without ``val_path``).
         test_frames: the same for ``test_path``. Validation and test frames may come from one
             file but must not overlap, and neither may be a training file.
         split: ``random`` | ``blocks`` | ``files`` | ``none``.
@@ -233,12 +234,6 @@ class AtomsDataModule(L.LightningDataModule):
         self.strata = int(strata)
         self.val_frames = _frame_range(val_frames, "val_frames")
         self.test_frames = _frame_range(test_frames, "test_frames")
-        for name, paths, rng_ in (
-            ("val_frames", self.val_paths, self.val_frames),
-            ("test_frames", self.test_paths, self.test_frames),
-        ):
-            if rng_ is not None and not paths:
-                raise ValueError(f"data.{name} needs data.{name[:-7]}_path")
         self._check_held_out_files()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size)
