@@ -434,30 +434,69 @@ def measure_bandwidth(
     return 2 * n_bytes / min(times)
 
 
+# name -> (type_map, sel, embedding, fitting) of the microbenchmark's models
+MICRO_MODELS: dict[str, tuple[list[str], list[int], tuple[int, ...], tuple[int, ...]]] = {
+    "Cu": (["Cu"], [100], (25, 25, 25), (50, 50, 50)),
+    "H2O": (["O", "H"], [46, 92], (25, 25, 25), (50, 50, 50)),
+    # DeePMD-kit's default se_e2_a water model, ~1.03 M parameters
+    "H2O-deepmd": (["O", "H"], [46, 92], (25, 50, 100), (240, 240, 240)),
+}
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def _time_full_path(sizes, p_dtype, repeats, device, gen) -> float:
+    """Seconds per rank-1 update of the full-storage path of earlier versions (dense P_i,
+    ``mv`` then one fused ``addr_`` per block: :func:`rlekf.optim.rlekf_update`)."""
+    from rlekf.optim import rlekf_update
+
+    dt = getattr(torch, p_dtype)
+    P = [torch.eye(n, dtype=dt, device=device) for n in sizes]
+    H = [(torch.randn(n, generator=gen, dtype=dt) * 1e-3).to(device) for n in sizes]
+    work = [torch.empty(n, dtype=dt, device=device) for n in sizes]
+
+    def run(P=P, H=H, work=work):
+        rlekf_update(None, P, H, 1e-3, 0.999, out=work)
+
+    for _ in range(2):
+        run()
+    return _median_time(run, repeats, device)
+
+
 def microbench(
     block_sizes: list[int],
     repeats: int | None = None,
     device: torch.device | str = "cpu",
     k: int = 5,
     p_dtypes: tuple[str, ...] | None = None,
+    models: tuple[str, ...] = ("Cu", "H2O"),
+    tiles: tuple[int | None, ...] = (None,),
+    full: bool = True,
 ) -> list[dict[str, Any]]:
-    """Time per RLEKF update for the Cu and water default models.
+    """Time per RLEKF update of a whole model's covariance, against the full-storage path.
 
-    One row per model, block size and P dtype: the rank-1 update (the paper's, columns as
-    before) and, with ``k > 0``, the fused rank-``k`` update (:meth:`RLEKF.step_k`, ``rankk_*``
-    columns; ms per update and per measurement). Both read P for ``K = P·H`` and read and write
-    it once for the correction: ``3·itemsize·Σn²`` bytes per update. On CUDA P, the model and
-    the gradients live on the GPU, every timing is synchronized, and ``peak_gpu_mib`` is the
-    peak allocated GPU memory while the row ran (P, buffers, gradients, temporaries).
-    Periodic symmetrization is off so that no timed update includes it.
+    One row per model, block size, P dtype and tile edge: :class:`~rlekf.optim.RLEKF` as it
+    is (rank-1, and with ``k > 0`` the fused rank-``k`` :meth:`~rlekf.optim.RLEKF.step_k`,
+    ``rankk_*`` columns). It reads and writes the stored lower tiles of P once per update:
+    ``2 * p_bytes`` moved, compared with the copy bandwidth measured in the same run. With
+    ``full`` the full-storage path of earlier versions (``3·itemsize·Σn²`` bytes) is timed
+    beside it on the same blocks (``full_*`` columns, ``speedup_vs_full``); it needs
+    ``Σn²`` elements of memory. On CUDA every timing is synchronized and ``peak_gpu_mib`` is
+    the peak allocated GPU memory of the row. Periodic symmetrization is off.
 
     Args:
         block_sizes: RLEKF ``block_size`` values.
         repeats: timed updates per row (median); default 5 on the CPU, 20 on CUDA.
         device: where the model, P and the gradients live.
         k: measurements per fused update (0: no rank-k timing).
-        p_dtypes: dtypes of P; default ``("float64",)`` on the CPU and
-            ``("float64", "float32")`` on CUDA.
+        p_dtypes: dtypes of P (default float64 and float32).
+        models: keys of :data:`MICRO_MODELS`.
+        tiles: tile edges (``None``: the optimizer's default).
+        full: also time the full-storage path.
     """
     from rlekf.models import DeepPotential
     from rlekf.optim import RLEKF
@@ -467,75 +506,98 @@ def microbench(
     if repeats is None:
         repeats = 20 if cuda else 5
     if p_dtypes is None:
-        p_dtypes = ("float64", "float32") if cuda else ("float64",)
+        p_dtypes = ("float64", "float32")
     rows = []
     bandwidth = measure_bandwidth(device=device)
-    for name, type_map, sel in (("Cu", ["Cu"], [100]), ("H2O", ["O", "H"], [46, 92])):
-        model = DeepPotential(type_map, sel=sel).to(device)
+    for name in models:
+        type_map, sel, emb, fit = MICRO_MODELS[name]
+        model = DeepPotential(type_map, sel=sel, embedding=emb, fitting=fit).to(device)
         params = list(model.parameters())
         n_total = sum(p.numel() for p in params)
         gen = torch.Generator().manual_seed(0)
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3).to(device)
         for p_dtype in p_dtypes:
             for bs in block_sizes:
-                if cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                opt = RLEKF(params, block_size=bs, p_dtype=p_dtype, symmetrize_every=0)
-                for p in params:
-                    g = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3
-                    p.grad = g.to(device)
-                for _ in range(2 if cuda else 1):
-                    opt.step(error=1e-3)  # allocate P (and warm up the kernels)
-                t = _median_time(lambda opt=opt: opt.step(error=1e-3), repeats, device)
-                itemsize = opt.p_dtype.itemsize
-                sum_n2 = sum(n * n for n in opt.block_sizes)
-                # read P (K = P H) + read & write P (rank-1 or rank-k correction)
-                moved = 3 * itemsize * sum_n2
-                row: dict[str, Any] = {
-                    "model": name,
-                    "block_size": bs,
-                    "n_blocks": len(opt.block_sizes),
-                    "p_gib": opt.p_bytes / 2**30,
-                    "ms_per_update": 1e3 * t,
-                    "gb_moved": moved / 1e9,
-                    "achieved_gbs": moved / t / 1e9,
-                    "bound_gbs": bandwidth / 1e9,
-                    "achieved_over_bound": moved / t / bandwidth,
-                    "device": device.type,
-                    "p_dtype": p_dtype,
-                }
-                if k > 0:
-                    rows_h = (
-                        torch.randn(k, n_total, generator=gen, dtype=params[0].dtype) * 1e-3
-                    ).to(device)
-                    errs = torch.full((k,), 1e-3, dtype=torch.float64, device=device)
-                    for _ in range(2 if cuda else 1):
-                        opt.step_k(errs, rows_h)  # warm-up (workspaces, kernels)
-                    tk = _median_time(
-                        lambda opt=opt, e=errs, h=rows_h: opt.step_k(e, h), repeats, device
+                t_full = None
+                for tile in tiles:
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                    extra = {} if tile is None else {"tile": tile}
+                    opt = RLEKF(
+                        params, block_size=bs, p_dtype=p_dtype, symmetrize_every=0, **extra
                     )
-                    row.update(
-                        {
-                            "rankk_k": k,
-                            "rankk_ms_per_update": 1e3 * tk,
-                            "rankk_ms_per_measurement": 1e3 * tk / k,
-                            "rankk_achieved_gbs": moved / tk / 1e9,
-                            "rankk_achieved_over_bound": moved / tk / bandwidth,
-                            "rankk_speedup_per_measurement": t * k / tk,
-                        }
+                    sizes = opt.block_sizes
+                    for _ in range(2):
+                        opt.step(error=1e-3)  # allocate P (and warm up the kernels)
+                    t = _median_time(lambda opt=opt: opt.step(error=1e-3), repeats, device)
+                    moved = 2 * opt.p_bytes  # one read + one write of the stored triangle
+                    row: dict[str, Any] = {
+                        "model": name,
+                        "n_params": n_total,
+                        "block_size": bs,
+                        "n_blocks": len(sizes),
+                        "tile": opt.tile,
+                        "p_gib": opt.p_bytes / 2**30,
+                        "ms_per_update": 1e3 * t,
+                        "gb_moved": moved / 1e9,
+                        "achieved_gbs": moved / t / 1e9,
+                        "bound_gbs": bandwidth / 1e9,
+                        "achieved_over_bound": moved / t / bandwidth,
+                        "device": device.type,
+                        "p_dtype": p_dtype,
+                    }
+                    if k > 0:
+                        rows_h = (
+                            torch.randn(k, n_total, generator=gen, dtype=params[0].dtype) * 1e-3
+                        ).to(device)
+                        errs = torch.full((k,), 1e-3, dtype=torch.float64, device=device)
+                        for _ in range(2):
+                            opt.step_k(errs, rows_h)  # warm-up (workspaces, kernels)
+                        tk = _median_time(
+                            lambda opt=opt, e=errs, h=rows_h: opt.step_k(e, h), repeats, device
+                        )
+                        row.update(
+                            {
+                                "rankk_k": k,
+                                "rankk_ms_per_update": 1e3 * tk,
+                                "rankk_ms_per_measurement": 1e3 * tk / k,
+                                "rankk_achieved_gbs": moved / tk / 1e9,
+                                "rankk_achieved_over_bound": moved / tk / bandwidth,
+                                "rankk_speedup_per_measurement": t * k / tk,
+                            }
+                        )
+                        del rows_h, errs
+                    if cuda:
+                        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+                    else:
+                        row["peak_rss_gib"] = _peak_rss_gib()
+                    del opt
+                    if full and t_full is None:
+                        t_full = _time_full_path(sizes, p_dtype, repeats, device, gen)
+                    if t_full is not None:
+                        full_moved = (
+                            3 * getattr(torch, p_dtype).itemsize * sum(n * n for n in sizes)
+                        )
+                        row.update(
+                            {
+                                "full_ms_per_update": 1e3 * t_full,
+                                "full_achieved_over_bound": full_moved / t_full / bandwidth,
+                                "speedup_vs_full": t_full / t,
+                            }
+                        )
+                    rows.append(row)
+                    print(
+                        f"[bench] micro {name} bs={bs} {p_dtype} tile={row['tile']} "
+                        f"{device.type}: {row['ms_per_update']:.2f} ms/update "
+                        f"({row['achieved_over_bound']:.2f} of the bound)"
+                        + (f", full path {1e3 * t_full:.2f} ms" if t_full is not None else "")
+                        + (f", rank-{k} {row['rankk_ms_per_update']:.2f} ms" if k > 0 else ""),
+                        flush=True,
                     )
-                    del rows_h, errs
-                if cuda:
-                    row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-                rows.append(row)
-                print(
-                    f"[bench] micro {name} bs={bs} {p_dtype} {device.type}: "
-                    f"{row['ms_per_update']:.3f} ms/update"
-                    + (f", rank-{k} {row['rankk_ms_per_update']:.3f} ms/update" if k > 0 else ""),
-                    flush=True,
-                )
-                opt.zero_grad(set_to_none=True)
-                del opt
+        for p in params:
+            p.grad = None
         del model, params
     return rows
 
@@ -722,16 +784,17 @@ def write_report(
             "",
             f"Kalman update on {where} (rank-1: the paper's; rank-{k}: the fused "
             f"`RLEKF.step_k`, {k} measurements in one pass over P), median of repeats, "
-            "synchronized, periodic symmetrization off; bytes = 3·itemsize·Σn² per update "
-            "(24·Σn² in float64: read P for K = P·H, read + write P for the correction; the "
-            "same for rank-1 and rank-k); bound = tensor copy bandwidth measured in the same "
+            "synchronized, periodic symmetrization off; bytes = 2 × the stored P (one read and "
+            "one write of the lower tiles per update, rank-1 and rank-k alike); 'full path' = "
+            "the full-storage update of earlier versions timed in the same run "
+            "(3·itemsize·Σn² bytes); bound = tensor copy bandwidth measured in the same "
             "run (read + write counted"
             + ("; device-to-device copy" if where == "cuda" else "")
             + "):"
             if rank_k
-            else "Kalman update (rank-1, float64 P), median of repeats; bytes = 24·Σn² "
-            "(read P for K = P·H, read + write P for the rank-1 correction); bound = tensor "
-            "copy bandwidth measured in the same run:",
+            else "Kalman update (rank-1), median of repeats; bytes = 2 × the stored P (one "
+            "read + one write of the lower tiles); bound = tensor copy bandwidth measured in "
+            "the same run:",
             "",
         ]
         head = (
@@ -742,6 +805,10 @@ def write_report(
         if extra:
             head += " P dtype |"
             sep += "---|"
+        full_col = any("full_ms_per_update" in m for m in micro)
+        if full_col:
+            head += " tile | full path ms/update | full path achieved/bound | speed-up |"
+            sep += "---|---|---|---|"
         if rank_k:
             head += (
                 f" rank-{k} ms/update | rank-{k} ms/measurement | rank-{k} achieved GB/s | "
@@ -761,6 +828,14 @@ def write_report(
             )
             if extra:
                 line += f" {m.get('p_dtype', '')} |"
+            if full_col:
+                if "full_ms_per_update" in m:
+                    line += (
+                        f" {m.get('tile', '')} | {_ms(m['full_ms_per_update'])} "
+                        f"| {m['full_achieved_over_bound']:.2f} | {m['speedup_vs_full']:.2f} |"
+                    )
+                else:
+                    line += f" {m.get('tile', '')} | | | |"
             if rank_k:
                 if "rankk_ms_per_update" in m:
                     line += (
@@ -888,6 +963,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--micro-blocks", type=int, nargs="*", default=None, help="block sizes (preset's)"
     )
+    parser.add_argument(
+        "--micro-models",
+        nargs="*",
+        default=["Cu", "H2O"],
+        choices=sorted(MICRO_MODELS),
+        help="microbenchmark models (H2O-deepmd: DeePMD-kit's default-size water model)",
+    )
+    parser.add_argument(
+        "--micro-dtypes", nargs="*", default=["float64", "float32"], help="P dtypes"
+    )
+    parser.add_argument(
+        "--micro-tiles", type=int, nargs="*", default=None, help="tile edges (default: 256)"
+    )
+    parser.add_argument(
+        "--no-full-path",
+        action="store_true",
+        help="do not time the full-storage path beside (it needs sum n^2 elements of memory)",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     budget = args.budget or preset["budget_s"]
@@ -969,6 +1062,10 @@ def main(argv: list[str] | None = None) -> int:
             repeats=args.micro_repeats,
             device=device,
             k=args.rank_k,
+            p_dtypes=tuple(args.micro_dtypes),
+            models=tuple(args.micro_models),
+            tiles=tuple(args.micro_tiles) if args.micro_tiles else (None,),
+            full=not args.no_full_path,
         )
     )
     rows = summarize(runs)

@@ -190,6 +190,9 @@ def test_smoke_sweep_runs_and_report_matches_the_csv_logs(tmp_path, tmp_path_fac
     for job in jobs:
         assert (job / ".hydra" / "overrides.yaml").exists()
         assert (job / "parity_val.png").exists()
+        # finished sweep runs keep only the weights-only checkpoint (no P)
+        ckpts = {p.name for p in (job / "checkpoints").iterdir()}
+        assert "last.ckpt" not in ckpts and any(n.startswith("best_weights") for n in ckpts)
     assert (jobs[0] / "block_partition.csv").exists()  # RLEKF jobs record their blocks
 
     out = tmp_path / "report"

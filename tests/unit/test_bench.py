@@ -219,11 +219,13 @@ def test_device_overrides_and_resolution():
 
 
 def test_microbench_rank_1_and_rank_k_columns_on_cpu():
-    rows = microbench([256], repeats=1, device="cpu", k=2)
+    rows = microbench([256], repeats=1, device="cpu", k=2, p_dtypes=("float64",))
     assert [r["model"] for r in rows] == ["Cu", "H2O"]
     for r in rows:
         assert r["device"] == "cpu" and r["p_dtype"] == "float64" and r["rankk_k"] == 2
-        assert r["gb_moved"] == pytest.approx(3 * r["p_gib"] * 2**30 / 1e9)  # 24·Σn² bytes
+        # one read + one write of the stored triangle
+        assert r["gb_moved"] == pytest.approx(2 * r["p_gib"] * 2**30 / 1e9)
+        assert r["full_ms_per_update"] > 0 and r["speedup_vs_full"] > 0
         assert r["ms_per_update"] > 0 and r["rankk_ms_per_update"] > 0
         assert r["rankk_ms_per_measurement"] == pytest.approx(r["rankk_ms_per_update"] / 2)
         assert "peak_gpu_mib" not in r

@@ -104,16 +104,34 @@ def test_matches_dense_blockdiag_ekf(block_size: int | None, sizes: list[int]) -
 
 
 def test_innovation_uses_all_blocks() -> None:
-    """The one-block and many-block filters must differ (a = L*lam + sum_i H_i^T P_i H_i)."""
-    xs, ys = _data(3)
-    results = []
-    for bs in (None, 6):
-        model = _mlp(0)
-        opt = RLEKF(model.parameters(), block_size=bs)
-        for x, y in zip(xs, ys, strict=True):
-            _kf_step(model, opt, x, y)
-        results.append((_flat_params(model), opt.last_innovation))
-    assert not np.allclose(results[0][0], results[1][0], rtol=0, atol=1e-8)
+    """a = L*lam + sum_i H_i^T P_i H_i, ONE scalar over all blocks (reference §1.3): checked
+    against that formula on P before each update, and against what a per-block innovation
+    a_i = lam + H_i^T P_i H_i would have given (the increments then differ)."""
+    xs, ys = _data(4)
+    model = _mlp(0)
+    opt = RLEKF(model.parameters(), block_size=6)
+    L = len(opt.block_sizes)
+    assert L == 5
+    for x, y in zip(xs, ys, strict=True):
+        P = [p.numpy().copy() for p in opt.covariance]
+        lam = opt.lam
+        w = _flat_params(model)
+        pred, H = _np_mlp(w, x)
+        bounds = np.cumsum([0, *opt.block_sizes])
+        Hb = [H[bounds[i] : bounds[i + 1]] for i in range(L)]
+        quads = [h @ p @ h for h, p in zip(Hb, P, strict=True)]
+        a_shared = L * lam + sum(quads)
+        _kf_step(model, opt, x, y)
+        assert opt.last_innovation == pytest.approx(a_shared, rel=1e-12)
+        dw = _flat_params(model) - w
+        shared = np.concatenate(
+            [(y - pred) / a_shared * p @ h for h, p in zip(Hb, P, strict=True)]
+        )
+        per_block = np.concatenate(
+            [(y - pred) / (lam + q) * p @ h for h, p, q in zip(Hb, P, quads, strict=True)]
+        )
+        np.testing.assert_allclose(dw, shared, rtol=1e-10, atol=1e-14)
+        assert not np.allclose(dw, per_block, rtol=1e-3, atol=0)
 
 
 def test_linear_model_reduces_to_ridge_regression() -> None:

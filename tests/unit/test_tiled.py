@@ -55,7 +55,9 @@ def test_sweep_applies_pending_and_multiplies(count: int, k: int, tile: int) -> 
         g.load_(j, pack_lower_tiles(torch.as_tensor(S[j]), tile))
     V = rng.normal(size=(count, n, 2)) * 0.3
     H = rng.normal(size=(count, n, k))
-    Y = g.sweep_(torch.as_tensor(H), torch.as_tensor(V)).numpy()
+    pending = g.vectors(2)
+    pending.buf.copy_(torch.as_tensor(V))
+    Y = g.sweep_(torch.as_tensor(H), pending).numpy()
     for j in range(count):
         S_new = S[j] - V[j] @ V[j].T
         np.testing.assert_allclose(g.dense(j).numpy(), S_new, rtol=0, atol=1e-14)
@@ -72,9 +74,11 @@ def test_flush_and_deferred_give_the_same_bits() -> None:
         V = torch.as_tensor(rng.normal(size=(1, n, k)) * 0.1)
         a = TileGroup(n, 1, tile, torch.float64, "cpu")
         b = TileGroup(n, 1, tile, torch.float64, "cpu")
-        a.apply_(V)
+        a.vectors(k).buf.copy_(V)
+        b.vectors(k).buf.copy_(V)
+        a.apply_(a.vectors(k))
         ya = a.sweep_(H)
-        yb = b.sweep_(H, V)
+        yb = b.sweep_(H, b.vectors(k))
         assert torch.equal(a.buffer, b.buffer)
         assert torch.allclose(ya, yb, rtol=1e-14, atol=1e-14)
 

@@ -17,6 +17,7 @@ from rlekf.optim.partition import Block, partition_parameters, validate_block_si
 from rlekf.optim.tiled import (
     DEFAULT_TILE,
     TileGroup,
+    _TileVectors,
     group_blocks,
     lower_tile_numel,
     pack_lower_tiles,
@@ -299,7 +300,7 @@ class RLEKF(Optimizer):
         self._perm = weight_permutation(group["params"], weight_order)
         self._groups: list[TileGroup] | None = None
         self._members: list[list[int]] = []  # local block positions of each group
-        self._pending: list[Tensor | None] = []  # per group: V (B, n, k) or None
+        self._pending: list[_TileVectors | None] = []  # per group: V (B, n, k) or None
         self._last_dw: list[Tensor] = []
         anchor = self.state[group["params"][0]]
         anchor.update(
@@ -665,14 +666,14 @@ class RLEKF(Optimizer):
         pending = res.pending.to(device)
         dw = torch.zeros(n_total, dtype=torch.float64, device=device)
         for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
-            V = torch.empty(len(members), g.n, k, dtype=g.dtype, device=device)
+            V = g.vectors(k)  # the previous pending buffer of this k was applied above
             for j, pos in enumerate(members):
                 b = self._blocks[local[pos]]
                 u = U[pos]
                 assert u is not None
                 c = scales[pos]
                 dw[b.offset : b.offset + b.numel] = (u @ weight).mul_(c)
-                V[j] = (u @ pending).mul_(math.sqrt(c))
+                V.buf[j] = (u @ pending).mul_(math.sqrt(c))
                 scales[pos] = c / lam
             self._pending[gi] = V
         self._reduce_increment(dw)
@@ -880,7 +881,7 @@ class RLEKF(Optimizer):
             d = g.diagonal().to(torch.float64)
             V = self._pending[gi]
             if V is not None:
-                d = d - (V.to(torch.float64) ** 2).sum(-1)
+                d = d - (V.buf.to(torch.float64) ** 2).sum(-1)
             for j, pos in enumerate(members):
                 out[pos] = d[j] * scales[pos]
         return [t for t in out if t is not None]

@@ -157,6 +157,8 @@ class TileGroup:
         ]
         for t in self._diag_tiles:
             t.diagonal(dim1=1, dim2=2).fill_(diag)
+        self._tile_views = _TileViews(self)
+        self._vectors: dict[tuple[str, int], _TileVectors] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -174,69 +176,75 @@ class TileGroup:
         return self.buffer.numel() * self.buffer.element_size()
 
     # ------------------------------------------------------------------ one pass
+    def vectors(self, k: int, role: str = "pending") -> _TileVectors:
+        """A persistent ``(B, n, k)`` buffer with its per-tile views (``role``: one buffer per
+        role and ``k``; the optimizer writes pending corrections into ``"pending"``)."""
+        key = (role, k)
+        ws = self._vectors.get(key)
+        if ws is None:
+            ws = self._vectors[key] = _TileVectors(self, k)
+        return ws
+
     @torch.no_grad()
-    def sweep_(self, H: Tensor, V: Tensor | None = None, *, symmetrize: bool = False) -> Tensor:
+    def sweep_(
+        self, H: Tensor, V: _TileVectors | None = None, *, symmetrize: bool = False
+    ) -> Tensor:
         """Apply the pending correction ``S <- S - V V^T`` and return ``S H``, in one pass.
 
         Every tile is read and written once: the correction is subtracted from it, then it is
         used (while in cache) for its share of ``S H`` and, off the diagonal, of its transpose.
+        The per-tile views of ``H``, ``Y`` and ``V`` are built once per ``k`` (no slicing per
+        update).
 
         Args:
             H: ``(B, n, k)`` in the storage dtype.
-            V: ``(B, n, k')`` pending factors in the storage dtype, or ``None``.
+            V: The pending factors (``(B, n, k')``, from :meth:`vectors`), or ``None``.
             symmetrize: Also replace every diagonal tile by ``(t + t^T) / 2`` after its
                 correction (the off-diagonal tiles are the only copy of their entries, so
                 only diagonal tiles can drift from symmetry through rounding).
 
         Returns:
-            ``Y = S H`` (after the correction), ``(B, n, k)`` in the storage dtype.
+            ``Y = S H`` (after the correction), ``(B, n, k)`` in the storage dtype (a copy).
         """
         B, n, k = H.shape
         if B != self.count or n != self.n:
             raise ValueError(
                 f"sweep_: H has shape {tuple(H.shape)}, expected ({self.count}, {self.n}, k)"
             )
-        Y = torch.zeros_like(H)
-        if B == 1 and k == 1 and (V is None or V.shape[2] == 1):
-            self._sweep_vec(H[0, :, 0], None if V is None else V[0, :, 0], Y[0, :, 0], symmetrize)
-            return Y
-        vec = V is not None and B == 1 and V.shape[2] == 1
-        for (r, c, r0, r1, c0, c1, _), t in zip(self.layout, self.tiles, strict=True):
+        hv = self.vectors(k, "H")
+        yv = self.vectors(k, "Y")
+        hv.buf.copy_(H)
+        yv.buf.zero_()
+        tv = self._tile_views
+        if hv.vec and (V is None or V.vec):  # rank 1, one block: matrix-vector kernels
+            for i, (diag, t, tT) in enumerate(tv.vec):
+                if V is not None:
+                    t.addr_(V.rows1[i], V.cols1[i], alpha=-1.0)
+                if diag and symmetrize:
+                    t.copy_((t + tT).mul_(0.5))
+                yv.rows1[i].addmv_(t, hv.cols1[i])
+                if not diag:
+                    yv.cols1[i].addmv_(tT, hv.rows1[i])
+            return yv.buf.clone()
+        for i, (diag, t, tT) in enumerate(tv.batched):
             if V is not None:
-                _correct_(t, V, r0, r1, c0, c1, vec)
-            if r == c:
-                if symmetrize:
-                    t.copy_((t + t.mT).mul_(0.5))
-                Y[:, r0:r1].baddbmm_(t, H[:, c0:c1])
-            else:
-                Y[:, r0:r1].baddbmm_(t, H[:, c0:c1])
-                Y[:, c0:c1].baddbmm_(t.mT, H[:, r0:r1])
-        return Y
-
-    def _sweep_vec(self, h: Tensor, v: Tensor | None, y: Tensor, symmetrize: bool) -> None:
-        """Rank-1 sweep of a one-block group with matrix-vector kernels."""
-        for (r, c, r0, r1, c0, c1, _), t3 in zip(self.layout, self.tiles, strict=True):
-            t = t3[0]
-            if v is not None:
-                t.addr_(v[r0:r1], v[c0:c1], alpha=-1.0)
-            if r == c:
-                if symmetrize:
-                    t.copy_((t + t.mT).mul_(0.5))
-                y[r0:r1].addmv_(t, h[c0:c1])
-            else:
-                y[r0:r1].addmv_(t, h[c0:c1])
-                y[c0:c1].addmv_(t.mT, h[r0:r1])
+                _correct_(tv, V, i)
+            if diag and symmetrize:
+                t.copy_((t + tT).mul_(0.5))
+            yv.rows[i].baddbmm_(t, hv.cols[i])
+            if not diag:
+                yv.cols[i].baddbmm_(tT, hv.rows[i])
+        return yv.buf.clone()
 
     @torch.no_grad()
-    def apply_(self, V: Tensor) -> None:
-        """``S <- S - V V^T`` (a flush of the pending correction), ``V`` ``(B, n, k)``.
+    def apply_(self, V: _TileVectors) -> None:
+        """``S <- S - V V^T`` (a flush of the pending correction).
 
         Uses the kernels a sweep would use for the same ``V``, so flushing and leaving the
         correction to the next sweep give the same bits.
         """
-        vec = self.count == 1 and V.shape[2] == 1
-        for (_, _, r0, r1, c0, c1, _), t in zip(self.layout, self.tiles, strict=True):
-            _correct_(t, V, r0, r1, c0, c1, vec)
+        for i in range(len(self.layout)):
+            _correct_(self._tile_views, V, i)
 
     # ------------------------------------------------------------------ access
     def packed(self, j: int) -> Tensor:
@@ -278,12 +286,40 @@ class TileGroup:
         self.buffer[j].copy_(packed)
 
 
-def _correct_(t: Tensor, V: Tensor, r0: int, r1: int, c0: int, c1: int, vec: bool) -> None:
-    """One tile's share of ``S <- S - V V^T``: ``t -= V[rows] V[cols]^T``."""
-    if vec:
-        t[0].addr_(V[0, r0:r1, 0], V[0, c0:c1, 0], alpha=-1.0)
+class _TileViews:
+    """Per-tile views of a group's storage: ``(is_diagonal, tile, tile^T)``, batched
+    ``(B, rows, cols)`` and, for a one-block group, 2-D."""
+
+    def __init__(self, g: TileGroup) -> None:
+        self.batched = [(r == c, t, t.mT) for (r, c, *_), t in zip(g.layout, g.tiles, strict=True)]
+        self.vec = [(d, t[0], tT[0]) for d, t, tT in self.batched] if g.count == 1 else []
+
+
+class _TileVectors:
+    """A persistent ``(B, n, k)`` buffer of a group and its views per tile: ``rows[i]`` and
+    ``cols[i]`` are the row and column ranges of tile ``i`` (``(B, len, k)``), ``cols_t[i]``
+    the transposed column range; with ``B = k = 1`` also 1-D ``rows1``/``cols1``."""
+
+    def __init__(self, g: TileGroup, k: int) -> None:
+        self.buf = torch.zeros(g.count, g.n, k, dtype=g.dtype, device=g.device)
+        self.vec = g.count == 1 and k == 1
+        flat = self.buf[0, :, 0]
+        self.rows, self.cols, self.cols_t, self.rows1, self.cols1 = [], [], [], [], []
+        for _, _, r0, r1, c0, c1, _ in g.layout:
+            self.rows.append(self.buf[:, r0:r1])
+            self.cols.append(self.buf[:, c0:c1])
+            self.cols_t.append(self.buf[:, c0:c1].mT)
+            if self.vec:
+                self.rows1.append(flat[r0:r1])
+                self.cols1.append(flat[c0:c1])
+
+
+def _correct_(tv: _TileViews, V: _TileVectors, i: int) -> None:
+    """Tile ``i``'s share of ``S <- S - V V^T``: ``t -= V[rows] V[cols]^T``."""
+    if V.vec:
+        tv.vec[i][1].addr_(V.rows1[i], V.cols1[i], alpha=-1.0)
     else:
-        t.baddbmm_(V[:, r0:r1], V[:, c0:c1].mT, alpha=-1.0)
+        tv.batched[i][1].baddbmm_(V.rows[i], V.cols_t[i], alpha=-1.0)
 
 
 def group_blocks(sizes: Sequence[int], batch: bool) -> list[list[int]]:

@@ -170,14 +170,24 @@ class LastCheckpoint(L.Callback):
         dirpath: folder of the checkpoint.
         every_n_steps: optimizer steps between writes (0: only at epoch ends).
         filename: file name inside ``dirpath``.
+        keep: keep the file after a fit that ended normally; ``False`` deletes it then (a
+            finished sweep run keeps only its small weights-only checkpoint; a run that
+            crashed or was stopped keeps ``last.ckpt`` to resume from).
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 500, filename: str = "last.ckpt"):
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_steps: int = 500,
+        filename: str = "last.ckpt",
+        keep: bool = True,
+    ):
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         self.dirpath = dirpath
         self.every_n_steps = int(every_n_steps)
         self.filename = filename
+        self.keep = bool(keep)
         self._last_step = -1
         self._next_step = self.every_n_steps
 
@@ -205,6 +215,10 @@ class LastCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self.keep and trainer.is_global_zero and os.path.exists(self.path):
+            os.remove(self.path)
 
 
 class StepTimer(L.Callback):

@@ -166,6 +166,13 @@ class ForceFieldModule(L.LightningModule):
             self.log(
                 "kf/skipped", float(raw.n_skipped), on_step=True, on_epoch=False, batch_size=bs
             )
+            self.log(
+                "kf/indefinite",
+                float(raw.n_indefinite),
+                on_step=True,
+                on_epoch=False,
+                batch_size=bs,
+            )
             if self.log_p_every and batch_idx % self.log_p_every == 0:
                 stats = raw.kalman_stats()  # collective for ShardedRLEKF: all blocks
                 for i, (tr, md) in enumerate(zip(stats["trace"], stats["min_diag"], strict=True)):
