@@ -16,6 +16,19 @@ from tests.helpers.hydra import FAST_DATA
 ROOT = Path(__file__).resolve().parents[2]
 # 36 training frames, batch 2 -> 18 batches, 9 per rank
 BATCHES_PER_RANK = 9
+# a guard against a hang, not a speed requirement (beside other jobs a run takes minutes)
+TIMEOUT_S = 1200
+_RENDEZVOUS_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def _train_ddp(tmp_path: Path, run: str, *overrides: str) -> Path:
@@ -41,14 +54,18 @@ def _train_ddp(tmp_path: Path, run: str, *overrides: str) -> Path:
         f"+callbacks.weight_checksum.dirpath={run_dir / 'sums'}",
         *overrides,
     ]
-    env = dict(
-        os.environ,
+    # no rendezvous variables from the calling process (e.g. a MASTER_PORT left by an earlier
+    # run): Lightning picks a fresh free port for every run
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    env.update(
         OMP_NUM_THREADS="1",
         WANDB_MODE="offline",
         PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     )
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(
+        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return run_dir
 
 

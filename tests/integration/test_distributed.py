@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,13 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from rlekf.optim import RLEKF, ShardedRLEKF, assign_blocks
+from rlekf.optim import RLEKF, ShardedRLEKF, assign_blocks, state_covariance
 
 WORLD = 2
 N_STEPS = 10
 HALF = 3  # samples per rank and step
 NAN_STEP = 3  # rank 1 reports a NaN error here: every rank (and the reference) must skip
 BLOCK_SIZE = 64  # 353 parameters -> blocks [64, 64, 64, 64, 64, 33]
+TIMEOUT_S = 300  # collectives and rendezvous; the ranks start within seconds of each other
 
 
 def _make_model() -> nn.Module:
@@ -63,41 +66,65 @@ def _make_opt(model: nn.Module, cls: type = ShardedRLEKF) -> RLEKF:
     return cls(model.parameters(), block_size=BLOCK_SIZE, p0=1.0)
 
 
+def _run_rank(
+    rank: int, tmp: str, tag: str, load_tag: str | None, start: int, stop: int, rank_k: bool
+) -> None:
+    """This rank's steps ``start..stop-1``; writes ``<tag>-rank<rank>.pt``."""
+    model = _make_model()
+    opt = _make_opt(model)
+    if load_tag is not None:
+        ck = torch.load(f"{tmp}/{load_tag}-rank{rank}.pt", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+    for t in range(start, stop):
+        if rank_k:  # the fused mode's entry point: step(errors, grads=...) -> step_k
+            errs, grads = _measure_k(model, t, rank)
+            opt.step(errs, grads=grads)
+        else:
+            model.zero_grad()
+            opt.step(_measure(model, t, rank))
+    full = opt.gather_state_dict(dst=0)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "full": full,
+            "owned": opt.owned_blocks,
+            "p_bytes_local": opt.p_bytes_local,
+            "p_bytes": opt.p_bytes,
+        },
+        f"{tmp}/{tag}-rank{rank}.pt",
+    )
+
+
 def _worker(
     rank: int, tmp: str, tag: str, load_tag: str | None, start: int, stop: int, rank_k: bool
 ) -> None:
+    """One spawned rank. Teardown order matters under load:
+
+    1. the optimizer holds the process group and sits in a reference cycle, so it would
+       otherwise be freed by the garbage collector during interpreter shutdown, after
+       ``destroy_process_group``, when gloo's threads can no longer take the GIL (a SIGABRT,
+       "terminate called without an active exception"): collect it while the process is alive;
+    2. a barrier, so that no rank tears its connections down while the other one is still in
+       a collective;
+    3. ``destroy_process_group``, which now drops the last reference to the group.
+    A timeout turns a lost peer into an error instead of a 30-minute hang.
+    """
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/init-{tag}", rank=rank, world_size=WORLD
+        "gloo",
+        init_method=f"file://{tmp}/init-{tag}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=TIMEOUT_S),
     )
     try:
-        model = _make_model()
-        opt = _make_opt(model)
-        if load_tag is not None:
-            ck = torch.load(f"{tmp}/{load_tag}-rank{rank}.pt", weights_only=False)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["opt"])
-        for t in range(start, stop):
-            if rank_k:  # the fused mode's entry point: step(errors, grads=...) -> step_k
-                errs, grads = _measure_k(model, t, rank)
-                opt.step(errs, grads=grads)
-            else:
-                model.zero_grad()
-                opt.step(_measure(model, t, rank))
-        full = opt.gather_state_dict(dst=0)
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "full": full,
-                "owned": opt.owned_blocks,
-                "p_bytes_local": opt.p_bytes_local,
-                "p_bytes": opt.p_bytes,
-            },
-            f"{tmp}/{tag}-rank{rank}.pt",
-        )
-        dist.barrier()  # both ranks done before teardown (gloo aborts on a one-sided exit)
+        _run_rank(rank, tmp, tag, load_tag, start, stop, rank_k)
+        gc.collect()
+        dist.barrier()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -172,12 +199,12 @@ def test_sharded_matches_single_process(uninterrupted) -> None:
         anchor = r["opt"]["state"][0]
         assert anchor["lam"] == pytest.approx(ref_opt.lam, abs=1e-15)
         assert anchor["n_updates"] == N_STEPS - 1 and anchor["n_skipped"] == 1
-        for i, p in zip(meta["owned_blocks"], anchor["P"], strict=True):
+        for i, p in zip(meta["owned_blocks"], state_covariance(r["opt"]), strict=True):
             assert _close(p, ref_P[i], 1e-10), i
 
     full = res[0]["full"]
     assert res[1]["full"] is None
-    gathered = full["state"][0]["P"]
+    gathered = state_covariance(full)
     assert len(gathered) == len(ref_P)
     for p, q in zip(gathered, ref_P, strict=True):
         assert _close(p, q, 1e-10)
@@ -202,7 +229,7 @@ def test_sharded_rank_k_matches_single_process(tmp_path) -> None:
         anchor = r["opt"]["state"][0]
         assert anchor["lam"] == pytest.approx(ref_opt.lam, abs=1e-15)
         assert anchor["n_updates"] == ref_opt.n_updates and anchor["n_skipped"] == HALF
-    gathered = res[0]["full"]["state"][0]["P"]
+    gathered = state_covariance(res[0]["full"])
     assert len(gathered) == len(ref_P)
     for p, q in zip(gathered, ref_P, strict=True):
         assert _close(p, q, 1e-10)
