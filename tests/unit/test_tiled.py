@@ -56,7 +56,8 @@ def test_sweep_applies_pending_and_multiplies(count: int, k: int, tile: int) -> 
     V = rng.normal(size=(count, n, 2)) * 0.3
     H = rng.normal(size=(count, n, k))
     pending = g.vectors(2)
-    pending.buf.copy_(torch.as_tensor(V))
+    for j in range(count):
+        pending.set_(j, torch.as_tensor(V[j]))
     Y = g.sweep_(torch.as_tensor(H), pending).numpy()
     for j in range(count):
         S_new = S[j] - V[j] @ V[j].T
@@ -74,8 +75,8 @@ def test_flush_and_deferred_give_the_same_bits() -> None:
         V = torch.as_tensor(rng.normal(size=(1, n, k)) * 0.1)
         a = TileGroup(n, 1, tile, torch.float64, "cpu")
         b = TileGroup(n, 1, tile, torch.float64, "cpu")
-        a.vectors(k).buf.copy_(V)
-        b.vectors(k).buf.copy_(V)
+        a.vectors(k).set_(0, V[0])
+        b.vectors(k).set_(0, V[0])
         a.apply_(a.vectors(k))
         ya = a.sweep_(H)
         yb = b.sweep_(H, b.vectors(k))

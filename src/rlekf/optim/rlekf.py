@@ -455,10 +455,11 @@ class RLEKF(Optimizer):
         Copies (``c_i * S_i`` after applying any pending correction), in ``p_dtype``: for
         inspection and tests; they take ``sum_i n_i**2`` elements, twice the storage.
         """
+        groups = self._storage()
         self.flush()
         out = []
         scales = self._anchor[_P_SCALE]
-        for g, members in zip(self._storage(), self._members, strict=True):
+        for g, members in zip(groups, self._members, strict=True):
             for j, pos in enumerate(members):
                 out.append((pos, g.dense(j).mul_(scales[pos])))
         return [t for _, t in sorted(out, key=lambda x: x[0])]
@@ -673,7 +674,7 @@ class RLEKF(Optimizer):
                 assert u is not None
                 c = scales[pos]
                 dw[b.offset : b.offset + b.numel] = (u @ weight).mul_(c)
-                V.buf[j] = (u @ pending).mul_(math.sqrt(c))
+                V.set_(j, (u @ pending).mul_(math.sqrt(c)))
                 scales[pos] = c / lam
             self._pending[gi] = V
         self._reduce_increment(dw)
@@ -881,7 +882,7 @@ class RLEKF(Optimizer):
             d = g.diagonal().to(torch.float64)
             V = self._pending[gi]
             if V is not None:
-                d = d - (V.buf.to(torch.float64) ** 2).sum(-1)
+                d = d - (V.buf.to(torch.float64) ** 2).sum(1)
             for j, pos in enumerate(members):
                 out[pos] = d[j] * scales[pos]
         return [t for t in out if t is not None]

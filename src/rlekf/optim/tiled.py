@@ -177,8 +177,9 @@ class TileGroup:
 
     # ------------------------------------------------------------------ one pass
     def vectors(self, k: int, role: str = "pending") -> _TileVectors:
-        """A persistent ``(B, n, k)`` buffer with its per-tile views (``role``: one buffer per
-        role and ``k``; the optimizer writes pending corrections into ``"pending"``)."""
+        """A persistent buffer of ``k`` vectors per block with its per-tile views (``role``:
+        one buffer per role and ``k``; the optimizer writes pending corrections into
+        ``"pending"`` with :meth:`_TileVectors.set_`)."""
         key = (role, k)
         ws = self._vectors.get(key)
         if ws is None:
@@ -198,7 +199,7 @@ class TileGroup:
 
         Args:
             H: ``(B, n, k)`` in the storage dtype.
-            V: The pending factors (``(B, n, k')``, from :meth:`vectors`), or ``None``.
+            V: The pending factors (``k'`` vectors per block, from :meth:`vectors`), or ``None``.
             symmetrize: Also replace every diagonal tile by ``(t + t^T) / 2`` after its
                 correction (the off-diagonal tiles are the only copy of their entries, so
                 only diagonal tiles can drift from symmetry through rounding).
@@ -213,7 +214,7 @@ class TileGroup:
             )
         hv = self.vectors(k, "H")
         yv = self.vectors(k, "Y")
-        hv.buf.copy_(H)
+        hv.buf.copy_(H.mT)
         yv.buf.zero_()
         tv = self._tile_views
         if hv.vec and (V is None or V.vec):  # rank 1, one block: matrix-vector kernels
@@ -225,16 +226,17 @@ class TileGroup:
                 yv.rows1[i].addmv_(t, hv.cols1[i])
                 if not diag:
                     yv.cols1[i].addmv_(tT, hv.rows1[i])
-            return yv.buf.clone()
+            return yv.buf.mT.clone()
         for i, (diag, t, tT) in enumerate(tv.batched):
             if V is not None:
                 _correct_(tv, V, i)
             if diag and symmetrize:
                 t.copy_((t + tT).mul_(0.5))
-            yv.rows[i].baddbmm_(t, hv.cols[i])
+            # (Y_R)^T += (H_C)^T t^T and (Y_C)^T += (H_R)^T t, with k contiguous rows
+            yv.rows[i].baddbmm_(hv.cols[i], tT)
             if not diag:
-                yv.cols[i].baddbmm_(tT, hv.rows[i])
-        return yv.buf.clone()
+                yv.cols[i].baddbmm_(hv.rows[i], t)
+        return yv.buf.mT.clone()
 
     @torch.no_grad()
     def apply_(self, V: _TileVectors) -> None:
@@ -296,22 +298,28 @@ class _TileViews:
 
 
 class _TileVectors:
-    """A persistent ``(B, n, k)`` buffer of a group and its views per tile: ``rows[i]`` and
-    ``cols[i]`` are the row and column ranges of tile ``i`` (``(B, len, k)``), ``cols_t[i]``
-    the transposed column range; with ``B = k = 1`` also 1-D ``rows1``/``cols1``."""
+    """A persistent buffer of ``k`` vectors per block of a group, stored ``(B, k, n)`` (each
+    vector contiguous: MKL/OpenBLAS multiply a tile by a few contiguous rows several times
+    faster than by ``(n, k)`` columns), and its views per tile: ``rows[i]`` and ``cols[i]`` are
+    the row and column ranges of tile ``i`` (``(B, k, len)``); with ``B = k = 1`` also 1-D
+    ``rows1``/``cols1``."""
 
     def __init__(self, g: TileGroup, k: int) -> None:
-        self.buf = torch.zeros(g.count, g.n, k, dtype=g.dtype, device=g.device)
+        self.buf = torch.zeros(g.count, k, g.n, dtype=g.dtype, device=g.device)
         self.vec = g.count == 1 and k == 1
-        flat = self.buf[0, :, 0]
-        self.rows, self.cols, self.cols_t, self.rows1, self.cols1 = [], [], [], [], []
+        flat = self.buf[0, 0]
+        self.rows, self.cols, self.rows_t, self.rows1, self.cols1 = [], [], [], [], []
         for _, _, r0, r1, c0, c1, _ in g.layout:
-            self.rows.append(self.buf[:, r0:r1])
-            self.cols.append(self.buf[:, c0:c1])
-            self.cols_t.append(self.buf[:, c0:c1].mT)
+            self.rows.append(self.buf[:, :, r0:r1])
+            self.rows_t.append(self.buf[:, :, r0:r1].mT)
+            self.cols.append(self.buf[:, :, c0:c1])
             if self.vec:
                 self.rows1.append(flat[r0:r1])
                 self.cols1.append(flat[c0:c1])
+
+    def set_(self, j: int, x: Tensor) -> None:
+        """Block ``j``'s vectors from an ``(n, k)`` matrix (cast to the storage dtype)."""
+        self.buf[j].copy_(x.mT)
 
 
 def _correct_(tv: _TileViews, V: _TileVectors, i: int) -> None:
@@ -319,7 +327,7 @@ def _correct_(tv: _TileViews, V: _TileVectors, i: int) -> None:
     if V.vec:
         tv.vec[i][1].addr_(V.rows1[i], V.cols1[i], alpha=-1.0)
     else:
-        tv.batched[i][1].baddbmm_(V.rows[i], V.cols_t[i], alpha=-1.0)
+        tv.batched[i][1].baddbmm_(V.rows_t[i], V.cols[i], alpha=-1.0)
 
 
 def group_blocks(sizes: Sequence[int], batch: bool) -> list[list[int]]:
