@@ -1,7 +1,7 @@
 """Table of a float32 / float64 P multirun (bench/cpu/float32_pairs.sh): validation errors per
 epoch, the paired float32 - float64 difference and the seed-to-seed spread beside it.
 
-    python bench/cpu/float32_pairs.py logs/float32_pairs_cu_pwmat [> table.md]
+    python bench/cpu/float32_pairs.py SWEEP_DIR [SWEEP_DIR ...] [> table.md]
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ def _overrides(job: Path) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items)
 
 
-def main(sweep_dir: str) -> int:
+def main(*sweep_dirs: str) -> int:
     runs: dict[tuple[str, str], list] = {}
-    for job in sorted(Path(sweep_dir).iterdir()):
+    jobs = [job for d in sweep_dirs for job in sorted(Path(d).iterdir()) if job.is_dir()]
+    for job in jobs:
         if not (job / "csv" / "metrics.csv").exists():
             continue
         ov = _overrides(job)
@@ -29,7 +30,8 @@ def main(sweep_dir: str) -> int:
         runs[(ov["seed"], ov["optim.optimizer.p_dtype"])] = curve
     seeds = sorted({s for s, _ in runs})
     lines = [
-        f"Paired runs in `{sweep_dir}` (seeds {', '.join(seeds)}; only the P dtype differs).",
+        f"Paired runs in {', '.join(f'`{d}`' for d in sweep_dirs)} "
+        f"(seeds {', '.join(seeds)}; only the P dtype differs).",
         "",
         "| epoch | quantity | "
         + " | ".join(f"seed {s} f64 / f32" for s in seeds)
@@ -57,4 +59,4 @@ def main(sweep_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))
