@@ -416,3 +416,28 @@ def test_lost_definiteness_is_detected_skipped_and_repaired() -> None:
     assert q[:, 3] @ P @ q[:, 3] > 0  # repaired in that direction
     opt.step(error=0.5)
     assert opt.n_updates == 1 and opt.n_indefinite == 1
+
+
+def test_sharded_one_rank_loads_the_old_state_dict_like_rlekf() -> None:
+    from rlekf.models import DeepPotential
+    from rlekf.optim import ShardedRLEKF
+
+    saved = torch.load(FIXTURES / "rlekf_state_22ff6c0.pt", weights_only=True)
+    covs = []
+    for cls in (RLEKF, ShardedRLEKF):
+        m = DeepPotential(
+            ["Cu"],
+            sel=[8],
+            embedding=(4, 8),
+            fitting=(8, 8),
+            axis_neuron=2,
+            rcut=3.0,
+            rcut_smth=0.5,
+        )
+        m.load_state_dict(saved["model"])
+        opt = cls(m.parameters(), block_size=64)
+        opt.load_state_dict(saved["opt"])
+        assert opt.weight_order == "storage"
+        covs.append(opt.covariance)
+    for a, b, ref in zip(*covs, saved["opt"]["state"][0]["P"], strict=True):
+        assert torch.equal(a, b) and torch.equal(a, ref)
