@@ -441,3 +441,73 @@ def test_sharded_one_rank_loads_the_old_state_dict_like_rlekf() -> None:
         covs.append(opt.covariance)
     for a, b, ref in zip(*covs, saved["opt"]["state"][0]["P"], strict=True):
         assert torch.equal(a, b) and torch.equal(a, ref)
+
+
+def test_resume_is_bit_exact_when_rank_k_and_rank_1_updates_alternate() -> None:
+    """A checkpoint taken while a rank-2 correction is pending, then a rank-1 update: the
+    resumed run takes the same kernels as the uninterrupted one."""
+    import io
+
+    def run(save_at):
+        model = _Flat([20, 7])
+        params = list(model.parameters())
+        opt = RLEKF(params, block_size=None, tile=8, symmetrize_every=3)
+        rng = np.random.default_rng(5)
+        for t in range(8):
+            if t == save_at:
+                buf = io.BytesIO()
+                torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
+                buf.seek(0)
+                ck = torch.load(buf, weights_only=True)
+                model = _Flat([20, 7])
+                params = list(model.parameters())
+                model.load_state_dict(ck["m"])
+                opt = RLEKF(params, block_size=None, tile=8, symmetrize_every=3)
+                opt.load_state_dict(ck["o"])
+            if t % 2:
+                for p in params:
+                    p.grad = torch.as_tensor(rng.normal(size=p.shape))
+                opt.step(error=float(rng.normal()))
+            else:
+                opt.step_k(
+                    torch.as_tensor(rng.normal(size=2)), torch.as_tensor(rng.normal(size=(2, 27)))
+                )
+        return torch.cat([p.detach() for p in params]), opt.covariance
+
+    ref_w, ref_P = run(None)
+    for save_at in (1, 2, 5):  # after a rank-2 update (pending k = 2) and after a rank-1 one
+        w, P = run(save_at)
+        assert torch.equal(w, ref_w), save_at
+        assert all(torch.equal(a, b) for a, b in zip(P, ref_P, strict=True)), save_at
+
+
+def test_output_major_layout_survives_deepcopy_and_is_saved() -> None:
+    import copy
+
+    from rlekf.models import DeepPotential
+
+    model = DeepPotential(["Cu"], sel=[10], embedding=(4, 8), fitting=(8, 8), axis_neuron=2)
+    a = RLEKF(model.parameters(), block_size=64)
+    b = RLEKF(copy.deepcopy(model).parameters(), block_size=64)
+    assert a._group["output_major_params"] == b._group["output_major_params"] != []
+    assert torch.equal(a._perm, b._perm)
+    # a model whose parameters lost their tags still loads the saved layout
+    plain = copy.deepcopy(model)
+    for p in plain.parameters():
+        p.__dict__.pop("rlekf_output_dim", None)
+    c = RLEKF(plain.parameters(), block_size=64)
+    assert c._perm is None
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c._perm, a._perm)
+
+
+def test_loading_an_old_state_dict_keeps_this_run_s_tile_and_batching() -> None:
+    from rlekf.models import DeepPotential
+
+    saved = torch.load(FIXTURES / "rlekf_state_22ff6c0.pt", weights_only=True)
+    m = DeepPotential(
+        ["Cu"], sel=[8], embedding=(4, 8), fitting=(8, 8), axis_neuron=2, rcut=3.0, rcut_smth=0.5
+    )
+    opt = RLEKF(m.parameters(), block_size=64, tile=16, batch_blocks=True)
+    opt.load_state_dict(saved["opt"])
+    assert opt.tile == 16 and opt._group["batch_blocks"] is True

@@ -66,6 +66,11 @@ class Dense(nn.Module):
             self.register_parameter("timestep", None)
         self.reset_parameters()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy and pickling rebuild the Parameter without its attributes
+        super().__setstate__(state)
+        self.weight.rlekf_output_dim = 1
+
     def reset_parameters(self) -> None:
         """DeePMD-style init: W ~ N(0, 1/(n_in+n_out)), b ~ N(0, 1), d ~ N(0.1, 0.001).
 

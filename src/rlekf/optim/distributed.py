@@ -7,8 +7,10 @@ Differences from that implementation:
   instead of contiguous ranges of equal count, so the memory per rank is balanced;
 * the per-block quadratic forms are reduced as a length-``L`` vector (each rank fills its own
   entries, the rest are zeros), and the weight increments as a zero-padded flat vector, so the
-  result is bitwise the single-process :class:`~rlekf.optim.RLEKF` update with the averaged
-  gradient and error (adding zeros is exact), whatever the number of ranks;
+  result is the single-process :class:`~rlekf.optim.RLEKF` update with the averaged gradient
+  and error (adding zeros is exact; bitwise on CPU with two ranks, to rounding where the error
+  average ``sum / world`` rounds, or where ``batch_blocks`` groups other blocks together on a
+  rank than in one process);
 * the model and ``P`` may be float32 or float64 (the buffers use ``p_dtype``);
 * every rank's :meth:`ShardedRLEKF.state_dict` holds its own shard with its global block
   indices, and :meth:`ShardedRLEKF.gather_state_dict` assembles a single-process RLEKF state

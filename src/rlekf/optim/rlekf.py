@@ -16,6 +16,7 @@ from rlekf.optim.functional import KalmanFactors, RLEKFRankKUpdate, kalman_facto
 from rlekf.optim.partition import Block, partition_parameters, validate_block_size
 from rlekf.optim.tiled import (
     DEFAULT_TILE,
+    DEFAULT_TILE_CUDA,
     TileGroup,
     _TileVectors,
     group_blocks,
@@ -136,33 +137,45 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
 
-def weight_permutation(params: Sequence[Tensor], weight_order: str) -> Tensor | None:
+def _tagged(params: Sequence[Tensor]) -> list[int]:
+    """Indices of the 2-D parameters stored ``(in, out)`` (tagged ``rlekf_output_dim = 1``)."""
+    return [
+        i
+        for i, p in enumerate(params)
+        if p.dim() == 2 and getattr(p, OUTPUT_DIM_ATTR, 0) == 1 and min(p.shape) > 1
+    ]
+
+
+def weight_permutation(params: Sequence[Tensor], transposed: Sequence[int]) -> Tensor | None:
     """Positions in the concatenated ``p.reshape(-1)`` vector of each optimizer coordinate.
 
     Args:
         params: The parameters, in order.
-        weight_order: ``"output_major"`` or ``"storage"``.
+        transposed: Indices of the 2-D parameters stored ``(in, out)`` that are flattened
+            output-major (their transpose, row-major).
 
     Returns:
-        ``perm`` (int64, length ``N``) with ``w_opt = w_storage[perm]``, or ``None`` when the
-        two orders coincide (``"storage"``, or no 2-D parameter whose output dimension is 1).
+        ``perm`` (int64, length ``N``, on the parameters' device) with
+        ``w_opt = w_storage[perm]``, or ``None`` when no parameter is permuted.
     """
-    if weight_order not in _WEIGHT_ORDERS:
-        raise ValueError(f"Invalid weight_order: {weight_order!r} (expected {_WEIGHT_ORDERS})")
-    if weight_order == "storage":
+    if not transposed:
         return None
     parts = []
     off = 0
-    permuted = False
-    for p in params:
+    todo = set(transposed)
+    for i, p in enumerate(params):
         n = p.numel()
         idx = torch.arange(off, off + n)
-        if p.dim() == 2 and getattr(p, OUTPUT_DIM_ATTR, 0) == 1 and min(p.shape) > 1:
+        if i in todo:
+            if p.dim() != 2:
+                raise ValueError(
+                    f"RLEKF state: parameter {i} of shape {tuple(p.shape)} was flattened "
+                    "output-major as a 2-D weight; the parameters do not match the saved run"
+                )
             idx = idx.view(p.shape).t().reshape(-1)  # out-major order of an (in, out) tensor
-            permuted = True
         parts.append(idx)
         off += n
-    return torch.cat(parts) if permuted else None
+    return torch.cat(parts).to(params[0].device)
 
 
 class RLEKF(Optimizer):
@@ -225,7 +238,8 @@ class RLEKF(Optimizer):
             than this many bytes. ``"auto"`` (default): the memory still available on the
             parameters' device (``MemAvailable`` on the CPU, free memory on CUDA); ``None``:
             no limit.
-        tile: Tile edge of the stored triangle (default 256).
+        tile: Tile edge of the stored triangle (default ``None``: 256 on the CPU, 2048 on
+            CUDA, where each tile costs kernel launches).
         batch_blocks: Update equal-size blocks with one batched call per tile (fewer kernel
             launches: pays on GPUs). ``None`` (default): on CUDA only.
         weight_order: ``"output_major"`` (default) or ``"storage"`` (the order of checkpoints
@@ -251,7 +265,7 @@ class RLEKF(Optimizer):
         p_dtype: torch.dtype | str = torch.float64,
         symmetrize_every: int | None = None,
         max_p_bytes: int | str | None = "auto",
-        tile: int = DEFAULT_TILE,
+        tile: int | None = None,
         batch_blocks: bool | None = None,
         weight_order: str = "output_major",
     ) -> None:
@@ -263,7 +277,8 @@ class RLEKF(Optimizer):
         if symmetrize_every is None:
             symmetrize_every = _AUTO_SYMMETRIZE
         symmetrize_every = _int_option("symmetrize_every", symmetrize_every, 0)
-        tile = _int_option("tile", tile, 1)
+        if tile is not None:
+            tile = _int_option("tile", tile, 1)
         if weight_order not in _WEIGHT_ORDERS:
             raise ValueError(
                 f"Invalid weight_order: {weight_order!r} (expected one of {_WEIGHT_ORDERS})"
@@ -287,6 +302,9 @@ class RLEKF(Optimizer):
         super().__init__(params, defaults)
 
         group = self.param_groups[0]
+        if group["tile"] is None:
+            on_cuda = group["params"][0].device.type == "cuda"
+            group["tile"] = DEFAULT_TILE_CUDA if on_cuda else DEFAULT_TILE
         numels = [p.numel() for p in group["params"]]
         self._blocks = partition_parameters(numels, block_size)
         if not self._blocks:
@@ -297,7 +315,12 @@ class RLEKF(Optimizer):
                 f"RLEKF needs all parameters on one device, got {sorted(map(str, devices))}"
             )
         self._max_p_bytes = max_p_bytes
-        self._perm = weight_permutation(group["params"], weight_order)
+        # which 2-D parameters are flattened output-major: saved with the state, so a loaded
+        # run keeps its layout even if the tags were lost (copy.deepcopy drops them)
+        group["output_major_params"] = (
+            _tagged(group["params"]) if weight_order != "storage" else []
+        )
+        self._perm = weight_permutation(group["params"], group["output_major_params"])
         self._groups: list[TileGroup] | None = None
         self._members: list[list[int]] = []  # local block positions of each group
         self._pending: list[_TileVectors | None] = []  # per group: V (B, n, k) or None
@@ -474,10 +497,13 @@ class RLEKF(Optimizer):
             return self._group["params"][0].device.type == "cuda"
         return bool(batch)
 
-    def _storage(self) -> list[TileGroup]:
-        """The tile groups of this optimizer's blocks (allocated on first use)."""
+    def _storage(self, loading: bool = False) -> list[TileGroup]:
+        """The tile groups of this optimizer's blocks (allocated on first use; ``loading``:
+        the loaded state still holds memory that is freed afterwards, so the "auto" limit is
+        not checked then)."""
         if self._groups is None:
-            self._check_memory()
+            if not (loading and self._max_p_bytes == "auto"):
+                self._check_memory()
             group = self._group
             device = group["params"][0].device
             local = list(self._local_block_indices())
@@ -587,7 +613,7 @@ class RLEKF(Optimizer):
             else:
                 parts.append(_flat(g).to(self.p_dtype))
         flat = torch.cat(parts)
-        return flat if self._perm is None else flat[self._perm.to(flat.device)]
+        return flat if self._perm is None else flat[self._perm]
 
     # The three reduction hooks are no-ops here; ShardedRLEKF sums over ranks.
     def _reduce_rows(self, rows: Tensor, given: bool) -> Tensor:
@@ -707,7 +733,7 @@ class RLEKF(Optimizer):
         """Add a flat increment (optimizer order, ``(N,)``) to the parameters."""
         if self._perm is not None:
             storage = torch.empty_like(dw)
-            storage[self._perm.to(dw.device)] = dw
+            storage[self._perm] = dw
             dw = storage
         params: list[Tensor] = self._group["params"]
         off = 0
@@ -776,7 +802,7 @@ class RLEKF(Optimizer):
                             )
                         rows[j, off : off + p.numel()].copy_(_flat(g.detach()))
                     off += p.numel()
-        return rows if self._perm is None else rows[:, self._perm.to(device)]
+        return rows if self._perm is None else rows[:, self._perm]
 
     @torch.no_grad()
     def step_k(
@@ -988,21 +1014,25 @@ class RLEKF(Optimizer):
             scales = saved_anchor.get(_P_SCALE)
         stripped_anchor = {k: v for k, v in saved_anchor.items() if k not in (_P, _P_SCALE)}
         top["state"] = {**saved_state, anchor_id: stripped_anchor}
+        mine = {k: self._group[k] for k in ("tile", "batch_blocks")}
         Optimizer.load_state_dict(self, top)
 
         group = self._group
         group["p_dtype"] = _resolve_p_dtype(group.get("p_dtype", "float64"))
-        group.setdefault("tile", DEFAULT_TILE)
-        group.setdefault("batch_blocks", None)
+        group.setdefault("tile", mine["tile"])  # packed blocks keep their saved tile
+        group["batch_blocks"] = mine["batch_blocks"]  # a runtime choice of this process
         # written before weight_order existed: the order of that run
         group.setdefault("weight_order", "storage")
+        if "output_major_params" not in group:
+            transposed = _tagged(group["params"]) if group["weight_order"] != "storage" else []
+            group["output_major_params"] = transposed
         self._anchor.setdefault(_N_INDEF, 0)
-        self._perm = weight_permutation(group["params"], group["weight_order"])
+        self._perm = weight_permutation(group["params"], group["output_major_params"])
         self._groups = None
         self._pending = []
         if blocks is None:
             return
-        groups = self._storage()
+        groups = self._storage(loading=True)
         anchor = self._anchor
         local = list(self._local_block_indices())
         if scales is None:

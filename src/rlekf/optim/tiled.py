@@ -35,6 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_TILE",
+    "DEFAULT_TILE_CUDA",
     "TileGroup",
     "lower_tile_numel",
     "pack_lower_tiles",
@@ -43,9 +44,10 @@ __all__ = [
     "unpack_lower_tiles",
 ]
 
-# Tile edge in elements. 256 x 256 float64 tiles (512 KiB) stay in a 1 MiB L2 cache between
-# the correction and the two products of a sweep step; chosen by `make bench` (README).
+# Tile edge in elements on the CPU (chosen by `make bench`, README) and on CUDA (fewer, larger
+# tiles: each tile costs three kernel launches).
 DEFAULT_TILE = 256
+DEFAULT_TILE_CUDA = 2048
 
 
 def tile_edges(n: int, tile: int) -> list[tuple[int, int]]:
@@ -217,10 +219,12 @@ class TileGroup:
         hv.buf.copy_(H.mT)
         yv.buf.zero_()
         tv = self._tile_views
-        if hv.vec and (V is None or V.vec):  # rank 1, one block: matrix-vector kernels
+        # the multiply kernels depend on H alone (not on whether a correction is pending), so
+        # a state flushed by a checkpoint continues with the same bits
+        if hv.vec:  # rank 1, one block: matrix-vector kernels
             for i, (diag, t, tT) in enumerate(tv.vec):
                 if V is not None:
-                    t.addr_(V.rows1[i], V.cols1[i], alpha=-1.0)
+                    _correct_(tv, V, i)
                 if diag and symmetrize:
                     t.copy_((t + tT).mul_(0.5))
                 yv.rows1[i].addmv_(t, hv.cols1[i])
