@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The Kalman-speed measurements of the README (idle machine: nothing else running):
+# 1. whole-model Kalman update, new storage vs the full-storage path, float64/float32, tiles;
+# 2. DeePMD-kit's default-size water model with float32 P (needs ~11 GiB);
+# 3. the training-step profile on cu_pwmat (paper, fused, Adam).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} WANDB_MODE=offline
+echo "load before: $(cat /proc/loadavg)"
+.venv/bin/rlekf-bench --no-train --micro-blocks 1024 5120 --micro-tiles 256 512 --name micro-storage "$@"
+echo "load: $(cat /proc/loadavg)"
+.venv/bin/rlekf-bench --no-train --micro-models H2O-deepmd --micro-blocks 5120 --micro-dtypes float32 \
+  --no-full-path --micro-repeats 3 --rank-k 0 --name micro-h2o-deepmd "$@"
+echo "load: $(cat /proc/loadavg)"
+.venv/bin/rlekf-bench --profile --data cu_pwmat --batches 20
+echo "load after: $(cat /proc/loadavg)"
