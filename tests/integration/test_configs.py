@@ -71,7 +71,11 @@ def test_callbacks_and_loggers_instantiate(tmp_path):
 
 
 def test_gekf_refuses_above_memory_budget(tmp_path):
-    cfg = compose_cfg("train", ["optim=gekf", "data=water_deepmd"], tmp_path)
+    cfg = compose_cfg(
+        "train",
+        ["optim=gekf", "data=water_deepmd", "optim.optimizer.max_p_bytes=8589934592"],
+        tmp_path,
+    )
     model = hydra.utils.instantiate(cfg.model)
     task = hydra.utils.instantiate(cfg.task, model=model)
     with pytest.raises(ValueError, match="GiB"):
