@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlekf.bench import machine_name
+from rlekf.optim.tiled import DEFAULT_TILE, DEFAULT_TILE_CUDA, lower_tile_numel
 
 __all__ = ["largest_model", "main", "shard_bytes"]
 
@@ -44,22 +45,27 @@ _MODELS = {"Cu": (["Cu"], [100]), "H2O": (["O", "H"], [46, 92])}
 _ITEMSIZE = {"float64": 8, "float32": 4}
 
 
-def shard_bytes(n_params: int, block_size: int, world_size: int, p_dtype: str = "float64") -> int:
-    """Bytes of ``P`` on the most loaded rank for ``n_params`` split into full blocks.
+def shard_bytes(
+    n_params: int,
+    block_size: int,
+    world_size: int,
+    p_dtype: str = "float64",
+    tile: int = DEFAULT_TILE,
+) -> int:
+    """Bytes of the stored ``P`` on the most loaded rank for ``n_params`` split into full blocks.
 
     The partition is taken as ``ceil(n / block_size)`` blocks of ``block_size`` (the last one
     smaller), the shape "split big" gives a large model, balanced over the ranks by
-    :func:`~rlekf.optim.assign_blocks`.
+    :func:`~rlekf.optim.assign_blocks`; each block stores its lower tiles of edge ``tile``.
     """
     from rlekf.optim import assign_blocks
 
     n_full, rest = divmod(int(n_params), int(block_size))
     sizes = [block_size] * n_full + ([rest] if rest else [])
-    costs = [n * n for n in sizes]
-    owner = assign_blocks(costs, world_size)
+    owner = assign_blocks([n * n for n in sizes], world_size)
     load = [0] * world_size
-    for c, r in zip(costs, owner, strict=True):
-        load[r] += c
+    for n, r in zip(sizes, owner, strict=True):
+        load[r] += lower_tile_numel(n, tile)
     return max(load) * _ITEMSIZE[p_dtype]
 
 
@@ -70,6 +76,7 @@ def largest_model(
     p_dtype: str = "float64",
     usable_fraction: float = 0.85,
     k: int = 5,
+    tile: int = DEFAULT_TILE,
 ) -> int:
     """Largest parameter count whose sharded ``P`` fits ``n_gpus`` GPUs (paper estimate).
 
@@ -83,7 +90,7 @@ def largest_model(
     item = _ITEMSIZE[p_dtype]
 
     def fits(n: int) -> bool:
-        return shard_bytes(n, block_size, n_gpus, p_dtype) + (k + 3) * n * item <= budget
+        return shard_bytes(n, block_size, n_gpus, p_dtype, tile) + (k + 3) * n * item <= budget
 
     lo, hi = 1, 1
     while fits(hi):
@@ -212,7 +219,8 @@ def estimate_lines(n_gpus: int = 8, gib: float = 80.0) -> list[str]:
     """The paper estimate of the largest model on ``n_gpus`` x ``gib`` GiB, as Markdown."""
     lines = [
         "Paper estimate (`rlekf.bench_distributed.largest_model`): largest parameter count N "
-        f"whose P fits {n_gpus} x {gib:.0f} GiB GPUs, using 85 % of each GPU for the P shard plus "
+        f"whose P (one triangle, tiles of {DEFAULT_TILE_CUDA}) fits {n_gpus} x {gib:.0f} GiB "
+        "GPUs, using 85 % of each GPU for the P shard plus "
         "(k + 3) N work numbers (k = 5); 1 GPU for comparison:",
         "",
         "| block size | P dtype | N on 1 GPU | N on 8 GPUs | P per GPU (GiB) |",
@@ -220,9 +228,9 @@ def estimate_lines(n_gpus: int = 8, gib: float = 80.0) -> list[str]:
     ]
     for bs in (5120, 10240, 20480):
         for dt in ("float64", "float32"):
-            one = largest_model(1, gib, bs, dt)
-            many = largest_model(n_gpus, gib, bs, dt)
-            per = shard_bytes(many, bs, n_gpus, dt) / 2**30
+            one = largest_model(1, gib, bs, dt, tile=DEFAULT_TILE_CUDA)
+            many = largest_model(n_gpus, gib, bs, dt, tile=DEFAULT_TILE_CUDA)
+            per = shard_bytes(many, bs, n_gpus, dt, DEFAULT_TILE_CUDA) / 2**30
             lines.append(f"| {bs} | {dt} | {one:,} | {many:,} | {per:.1f} |")
     return lines
 

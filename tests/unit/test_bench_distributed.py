@@ -15,9 +15,13 @@ def test_shard_bytes_one_rank_is_the_whole_covariance(n):
 
 
 def test_shard_bytes_balances_equal_blocks():
-    # 8 full blocks on 4 ranks: 2 each; 9 blocks: one rank holds 3
-    assert shard_bytes(8 * 1000, 1000, 4) == 2 * 1000**2 * 8
-    assert shard_bytes(9 * 1000, 1000, 4) == 3 * 1000**2 * 8
+    # 8 full blocks on 4 ranks: 2 each; 9 blocks: one rank holds 3 (lower tiles of 256:
+    # 4 x 4 tiles of a 1000-block, 10 of them stored, the last row/column 232 wide)
+    tri = sum(
+        min(256, 1000 - 256 * r) * min(256, 1000 - 256 * c) for r in range(4) for c in range(r + 1)
+    )
+    assert shard_bytes(8 * 1000, 1000, 4) == 2 * tri * 8
+    assert shard_bytes(9 * 1000, 1000, 4) == 3 * tri * 8
 
 
 @pytest.mark.parametrize(("gpus", "dtype"), [(1, "float64"), (8, "float64"), (8, "float32")])
