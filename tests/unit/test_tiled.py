@@ -511,3 +511,39 @@ def test_loading_an_old_state_dict_keeps_this_run_s_tile_and_batching() -> None:
     opt = RLEKF(m.parameters(), block_size=64, tile=16, batch_blocks=True)
     opt.load_state_dict(saved["opt"])
     assert opt.tile == 16 and opt._group["batch_blocks"] is True
+
+
+@pytest.mark.parametrize(
+    ("block_size", "tile", "batch", "rank"), [(16, 5, False, 3), (16, 6, True, 1)]
+)
+def test_predictive_variance_is_g_p_g_of_the_numpy_filter(block_size, tile, batch, rank) -> None:
+    """``g^T P g`` (summed over the blocks) against the numpy filter's dense blocks, read
+    while a correction is pending; reading it leaves the next update's bits unchanged."""
+    sizes = [10, 30, 9]
+    runs = []
+    for probe in (True, False):
+        model = _Flat(sizes)
+        params = list(model.parameters())
+        opt = RLEKF(params, block_size=block_size, tile=tile, batch_blocks=batch, lambda0=0.98)
+        seq = _drive(params, opt, 40, rank, 3, 0.3)
+        G = np.random.default_rng(9).normal(size=(5, sum(sizes)))
+        if probe:
+            var = opt.predictive_variance(torch.as_tensor(G))
+            _, P_ref, _ = _dense_filter(*seq[:2], opt.block_sizes, 0.98, 0.9987, 1.0, seq[2])
+            offs = np.cumsum([0, *opt.block_sizes])
+            ref = sum(
+                np.einsum("kn,nm,km->k", G[:, a:b], Pb, G[:, a:b])
+                for a, b, Pb in zip(offs[:-1], offs[1:], P_ref, strict=True)
+            )
+            assert var.dtype == torch.float64 and var.shape == (5,)
+            np.testing.assert_allclose(var.numpy(), ref, rtol=1e-10)
+            bounds = np.cumsum([0, *sizes])
+            sets = [
+                [torch.as_tensor(G[0, a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            ]
+            one = opt.predictive_variance(sets)
+            np.testing.assert_allclose(one.numpy(), ref[:1], rtol=1e-10)
+        opt.step_k(torch.tensor([0.05, -0.02]), torch.as_tensor(G[:2]))
+        runs.append((torch.cat([p.detach().reshape(-1) for p in params]), opt.covariance))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))

@@ -877,6 +877,49 @@ class RLEKF(Optimizer):
         nu = self._group["nu"]
         return math.prod([lam] + [1.0 - (1.0 - lam) * nu**j for j in range(1, k)])
 
+    # ------------------------------------------------------------------ uncertainty
+    @torch.no_grad()
+    def predictive_variance(self, grads: Tensor | Sequence[Sequence[Tensor | None]]) -> Tensor:
+        r"""Quadratic forms ``g_j^T P g_j = sum_i g_{j,i}^T P_i g_{j,i}`` of ``k`` gradients.
+
+        With ``g_j = dy_j/dw`` of a model output ``y_j`` this is the linearised predictive
+        variance of ``y_j`` under the block-diagonal weight covariance ``P`` (in the units of
+        ``y_j`` squared, times the scale of the pseudo-measurements ``P`` was trained with).
+        Reads ``P`` only: weights, ``lambda`` and the counters are untouched. A sharded
+        optimizer sums the local blocks over the ranks (every rank passes the same
+        gradients; the call is collective).
+
+        Args:
+            grads: ``(k, N)`` or ``(N,)`` tensor of gradients over all parameters, flattened
+                in parameter order, or ``k`` gradient sets (one tensor or ``None`` per
+                parameter), as for :meth:`step_k`.
+
+        Returns:
+            ``(k,)`` float64 tensor on the CPU.
+        """
+        if isinstance(grads, Tensor):
+            k = 1 if grads.dim() == 1 else int(grads.shape[0])
+        else:
+            grads = list(grads)
+            k = len(grads)
+        if k == 0:
+            raise ValueError("RLEKF.predictive_variance needs at least one gradient")
+        rows = self._gradient_rows(grads, k)
+        groups = self._storage()
+        self.flush()
+        local = list(self._local_block_indices())
+        scales = self._anchor[_P_SCALE]
+        out = torch.zeros(k, dtype=torch.float64, device=rows.device)
+        for g, members in zip(groups, self._members, strict=True):
+            offsets = [self._blocks[local[pos]].offset for pos in members]
+            Hg = torch.stack([rows[:, o : o + g.n].mT for o in offsets])  # (B, n, k)
+            Y = g.sweep_(Hg, None)
+            quad = (Hg.to(torch.float64) * Y.to(torch.float64)).sum(1)  # (B, k)
+            c = torch.tensor([scales[pos] for pos in members], dtype=torch.float64)
+            out += (quad * c.to(quad.device).unsqueeze(1)).sum(0)
+        self._reduce_stats(out)
+        return out.cpu()
+
     # ------------------------------------------------------------------ logging
     @torch.no_grad()
     def kalman_stats(self) -> dict[str, Any]:
