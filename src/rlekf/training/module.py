@@ -96,6 +96,15 @@ class ForceFieldModule(L.LightningModule):
         if self.train_virial_arg is None:
             has = dm.datasets["train"].has_virial if dm.datasets else False
             self.train_virial = bool(has and getattr(self.updater, "trains_virial", False))
+            if isinstance(self.updater, KalmanUpdater) and self.updater.trains_virial:
+                # the Kalman updater masks frames without a label itself; validate on virials
+                self.train_virial = True
+                if not has:
+                    log.warning(
+                        "train_virial: not every training frame has a virial label; frames "
+                        "without one are left out and batches without any skip the virial "
+                        "measurement"
+                    )
 
     def configure_optimizers(self):
         """The optimizer; under data parallelism (world size > 1) RLEKF becomes ShardedRLEKF.
@@ -140,6 +149,13 @@ class ForceFieldModule(L.LightningModule):
                 self.print(msg)
         if isinstance(self.updater, GradientUpdater):
             self.updater.configure(int(self.trainer.estimated_stepping_batches))
+
+    @property
+    def trained_on_virials(self) -> bool:
+        """Whether the weights have been fitted to virial labels (saved in checkpoints)."""
+        if isinstance(self.updater, KalmanUpdater):
+            return self.updater.n_virial_updates > 0
+        return bool(self.train_virial and getattr(self.updater, "trains_virial", False))
 
     def _raw_optimizer(self) -> torch.optim.Optimizer | None:
         if self._trainer is None or not self.trainer.optimizers:
@@ -251,6 +267,7 @@ class ForceFieldModule(L.LightningModule):
                 checkpoint["optimizer_states"] = [full]
         checkpoint["model_config"] = dict(self.model.config)
         checkpoint["updater_state"] = self.updater.state_dict()
+        checkpoint["trained_on_virials"] = self.trained_on_virials
         if self._trainer is not None and self.trainer.training:
             # batches trained in this epoch (`processed`: `completed` lags at batch end)
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed

@@ -16,7 +16,17 @@ from torch import Tensor
 
 from rlekf.data import keys as K
 
-__all__ = ["GradientUpdater", "KalmanUpdater", "deepmd_lr", "equal_atom_count"]
+__all__ = [
+    "VIRIAL_COMPONENTS",
+    "GradientUpdater",
+    "KalmanUpdater",
+    "deepmd_lr",
+    "equal_atom_count",
+]
+
+#: (row, column) of the 6 independent components of the symmetric 3x3 virial that the Kalman
+#: virial measurement uses, in Voigt order xx, yy, zz, yz, xz, xy.
+VIRIAL_COMPONENTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
 
 def equal_atom_count(batch: Mapping[str, Tensor]) -> int:
@@ -36,19 +46,33 @@ def equal_atom_count(batch: Mapping[str, Tensor]) -> int:
 
 
 class KalmanUpdater:
-    """RLEKF training of one batch: one energy then several force pseudo-measurements.
+    """RLEKF training of one batch: [virial,] energy, then several force pseudo-measurements.
 
     Follows reference §1.4–1.5: per-atom normalisation, the sign trick, prefactors, and the
     ``sqrt(batch size)`` factor. Force atoms are drawn with replacement from a seeded
     ``torch.Generator`` whose state is saved in checkpoints.
 
-    Two modes (``k = 1 + n_select/group_size`` measurements per batch with both enabled):
+    The virial measurement (``train_virial=True``, off by default) comes first, as in PWMLFF's
+    order (virial, energy, force). It is formed like the energy measurement, over the ``m``
+    frames of the batch that carry a virial label (``has_virial``) and the 6 independent
+    components ``c`` of the symmetric virial (:data:`VIRIAL_COMPONENTS`): with per-atom errors
+    ``e_bc = (W_bc^label - W_bc^pred) / n`` (eV/atom) and signs ``s_bc``,
+    ``eps = sqrt(m) * mean_bc |p_V e_bc|`` and ``H = d/dw sum_bc s_bc p_V W_bc^pred / n``.
+    Frames without a label are left out before any arithmetic (never given a fake label); a
+    batch without any labelled frame makes no virial measurement at all (an update with
+    ``H = 0`` would still divide ``P`` by ``lambda`` and advance ``lambda``). PWMLFF's
+    ``update_virial`` uses all 9 components, which counts each shear component twice. Units:
+    virials in eV (``-stress * volume``), so ``e_bc`` is in eV/atom like the energy error.
+
+    Two modes (``k = 1 + n_select/group_size`` measurements per batch with energy and forces
+    enabled, one more with a virial measurement):
 
     * ``"paper"`` (default, the paper's algorithm): each measurement gets a fresh forward pass
       at the current weights and its own rank-1 update (``optimizer.step``): ``k`` forward
       passes and ``k`` passes over ``P`` per batch.
     * ``"fused"`` (opt-in, faster, needs :class:`~rlekf.optim.RLEKF`): ONE forward pass with
-      ``create_graph=True`` gives energy and forces; the ``k`` measurement gradients ``H``
+      ``create_graph=True`` gives energy, forces (and virials: one more row of the rank-``k``
+      update); the ``k`` measurement gradients ``H``
       come from ``k`` backward passes through that one graph (same scalars, signs,
       prefactors, normalisations and ``sqrt(bs)`` as in paper mode), then ONE rank-``k``
       update (:meth:`~rlekf.optim.RLEKF.step_k`, called through ``optimizer.step(error=...,
@@ -67,6 +91,8 @@ class KalmanUpdater:
         group_size: atoms per force measurement (6) → ``n_select / group_size`` updates.
         train_energy: run the energy measurement.
         train_force: run the force measurements.
+        train_virial: run the virial measurement (first) on batches with virial labels.
+        virial_prefactor: p_V (1 in PWMLFF).
         seed: seeds the atom sampling.
         mode: ``"paper"`` (exact, default) or ``"fused"`` (one forward pass and one rank-k
             update per batch; see above).
@@ -85,6 +111,8 @@ class KalmanUpdater:
         group_size: int = 6,
         train_energy: bool = True,
         train_force: bool = True,
+        train_virial: bool = False,
+        virial_prefactor: float = 1.0,
         seed: int = 0,
         mode: str = "paper",
     ) -> None:
@@ -94,24 +122,41 @@ class KalmanUpdater:
             raise ValueError(
                 f"n_select ({n_select}) must be a positive multiple of group_size ({group_size})"
             )
-        if energy_prefactor <= 0 or force_prefactor <= 0:
+        if energy_prefactor <= 0 or force_prefactor <= 0 or virial_prefactor <= 0:
             raise ValueError("prefactors must be positive")
-        if not (train_energy or train_force):
-            raise ValueError("at least one of train_energy/train_force must be true")
+        if not (train_energy or train_force or train_virial):
+            raise ValueError("at least one of train_energy/train_force/train_virial must be true")
         self.energy_prefactor = float(energy_prefactor)
         self.force_prefactor = float(force_prefactor)
         self.n_select = int(n_select)
         self.group_size = int(group_size)
         self.train_energy = train_energy
         self.train_force = train_force
+        self.train_virial = bool(train_virial)
+        self.virial_prefactor = float(virial_prefactor)
         self.mode = mode
         self.generator = torch.Generator().manual_seed(int(seed))
+        #: virial measurements made so far (0 until a batch with virial labels was trained)
+        self.n_virial_updates = 0
+
+    @property
+    def trains_virial(self) -> bool:
+        """Whether this updater makes virial measurements (on batches that have labels)."""
+        return self.train_virial
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "n_virial_updates": self.n_virial_updates}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.n_virial_updates = int(state.get("n_virial_updates", 0))  # absent before virials
+
+    def _virial_frames(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """``(B,)`` bool mask of the frames the virial measurement uses, ``None`` for none."""
+        if not self.train_virial or K.HAS_VIRIAL not in batch:
+            return None
+        has = batch[K.HAS_VIRIAL].to(torch.bool)
+        return has if bool(has.any()) else None
 
     def energy_measurement(self, model, batch, n: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Backward the signed energy measurement (H in ``.grad``); return ε and predictions."""
@@ -128,6 +173,34 @@ class KalmanUpdater:
         eps, scalar = self._force_scalar(out, batch, n, atoms)
         scalar.backward()
         return eps, out
+
+    def virial_measurement(self, model, batch, n: int) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """Backward the signed virial measurement (H in ``.grad``); return ε and predictions.
+
+        Returns ``None`` (nothing computed, ``.grad`` untouched) when the batch has no frame
+        with a virial label or ``train_virial`` is off.
+        """
+        has = self._virial_frames(batch)
+        if has is None:
+            return None
+        out = model(batch, forces=False, virial=True, create_graph=True)
+        eps, scalar = self._virial_scalar(out, batch, n, has)
+        scalar.backward()
+        return eps, out
+
+    def _virial_scalar(self, out, batch, n: int, has: Tensor) -> tuple[Tensor, Tensor]:
+        """``(eps, scalar)`` of the virial measurement over the labelled frames ``has``."""
+        rows = [r for r, _ in VIRIAL_COMPONENTS]
+        cols = [c for _, c in VIRIAL_COMPONENTS]
+        w_pred = out[K.VIRIAL][has][:, rows, cols]  # (m, 6) eV, labelled frames only
+        w_lab = batch[K.VIRIAL][has].to(torch.float64)[:, rows, cols]
+        m = w_pred.shape[0]
+        p = self.virial_prefactor
+        err = (w_lab - w_pred.detach().to(torch.float64)) / n
+        eps = math.sqrt(m) * torch.mean(torch.abs(p * err))
+        scalar = torch.sum(torch.sign(err).to(w_pred.dtype) * p * w_pred) / n
+        # the zero-weighted energy term gives every parameter a gradient (pytorch#43259)
+        return eps, scalar + 0.0 * out[K.ENERGY].sum()
 
     def _energy_scalar(self, e_pred: Tensor, batch, n: int) -> tuple[Tensor, Tensor]:
         """``(eps, scalar)`` of the energy measurement: backward ``scalar`` to get ``H``."""
@@ -161,18 +234,25 @@ class KalmanUpdater:
             params: the parameters to differentiate (the optimizer's, in its order).
 
         Returns:
-            ``(eps, H, out)``: the ``k`` errors as a ``(k,)`` tensor (energy first, then the
-            force groups in order), the ``k`` gradient sets (one entry per parameter, ``None``
-            where a parameter does not reach the scalar) and the predictions.
+            ``(eps, H, out)``: the ``k`` errors as a ``(k,)`` tensor (the virial first when
+            measured, then energy, then the force groups in order), the ``k`` gradient sets
+            (one entry per parameter, ``None`` where a parameter does not reach the scalar)
+            and the predictions. ``k = 0`` (empty ``eps``) when nothing is measured.
         """
         forces = groups is not None
-        out = model(batch, forces=forces, create_graph=forces)
+        has = self._virial_frames(batch)
+        virial = has is not None
+        out = model(batch, forces=forces, virial=virial, create_graph=forces or virial)
         measurements: list[tuple[Tensor, Tensor]] = []
+        if virial:
+            measurements.append(self._virial_scalar(out, batch, n, has))
         if self.train_energy:
             measurements.append(self._energy_scalar(out[K.ENERGY], batch, n))
         if forces:
             for group in groups:
                 measurements.append(self._force_scalar(out, batch, n, group))
+        if not measurements:
+            return torch.zeros(0, dtype=torch.float64), [], out
         eps = torch.stack([e for e, _ in measurements])
         grads = []
         for j, (_, scalar) in enumerate(measurements):
@@ -183,7 +263,8 @@ class KalmanUpdater:
         return eps, grads, out
 
     def update(self, model, batch: Mapping[str, Tensor], optimizer) -> dict[str, Tensor]:
-        """Apply 1 energy + n_select/group_size force updates; return the last predictions.
+        """Apply [1 virial +] 1 energy + n_select/group_size force updates; return the last
+        predictions.
 
         In ``"fused"`` mode these are one rank-k update from one forward pass (class doc).
         """
@@ -191,6 +272,13 @@ class KalmanUpdater:
         if self.mode == "fused":
             return self._update_fused(model, batch, optimizer, n)
         out: dict[str, Tensor] = {}
+        if self._virial_frames(batch) is not None:
+            optimizer.zero_grad(set_to_none=True)
+            measured = self.virial_measurement(model, batch, n)
+            assert measured is not None
+            eps, out = measured
+            optimizer.step(error=eps)
+            self.n_virial_updates += 1
         if self.train_energy:
             optimizer.zero_grad(set_to_none=True)
             eps, out = self.energy_measurement(model, batch, n)
@@ -215,8 +303,11 @@ class KalmanUpdater:
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
             eps, grads, out = self.fused_measurements(model, batch, n, groups, params)
-        # through step (not step_k) so that a Lightning wrapper counts the global step
-        optimizer.step(error=eps.detach(), grads=grads)
+        if len(eps):
+            # through step (not step_k) so that a Lightning wrapper counts the global step
+            optimizer.step(error=eps.detach(), grads=grads)
+            if self._virial_frames(batch) is not None:
+                self.n_virial_updates += 1
         return {k: v.detach() for k, v in out.items()}
 
 
