@@ -12,12 +12,16 @@ when asked for and the cell is periodic in all three directions, ``stress`` (eV/
 order xx, yy, zz, yz, xz, xy), computed as ``-virial / volume`` from the model's strain
 derivative: the exact stress of the model, whether or not it was trained on virials (its
 accuracy against DFT is only known when it was). Non-periodic or partly periodic cells give no
-stress (``PropertyNotImplementedError``).
+stress (``PropertyNotImplementedError``). ``calc.trained_on_virials`` says whether the model was
+fitted to virial labels (from the checkpoint or exported file; ``None`` when the file predates
+that record); the first stress of a calculator whose model was not warns once
+(:class:`StressNotTrainedWarning`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,16 +33,20 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from rlekf import keys as K
 from rlekf.data.neighbors import NeighborOverflowError, slot_neighbors
-from rlekf.export import load_checkpoint, load_exported
+from rlekf.export import load_checkpoint_with_info, load_exported
 from rlekf.models.deep_potential import DeepPotential, resolve_dtype
 
-__all__ = ["DPCalculator", "UnknownElementError"]
+__all__ = ["DPCalculator", "StressNotTrainedWarning", "UnknownElementError"]
 
 PathLike = str | os.PathLike
 
 
 class UnknownElementError(ValueError):
     """The structure holds an element the model was not trained on."""
+
+
+class StressNotTrainedWarning(UserWarning):
+    """A stress was computed by a model that was not (or not known to be) trained on virials."""
 
 
 class DPCalculator(Calculator):
@@ -55,6 +63,7 @@ class DPCalculator(Calculator):
         sel: neighbour slots per type.
         dtype: float dtype of the model.
         device: torch device to run on.
+        trained_on_virials: whether the model was fitted to virial labels (``None``: unknown).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
     """
 
@@ -69,9 +78,12 @@ class DPCalculator(Calculator):
         sel: Sequence[int],
         dtype: str | torch.dtype = "float64",
         device: str | torch.device = "cpu",
+        trained_on_virials: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.trained_on_virials = trained_on_virials
+        self._stress_warned = False
         self.model = model
         self.type_map = list(type_map)
         self.rcut = float(rcut)
@@ -101,7 +113,9 @@ class DPCalculator(Calculator):
             ValueError: not an rlekf checkpoint, or one that needs full unpickling without
                 ``trust_checkpoint`` (see :func:`rlekf.export.load_checkpoint`).
         """
-        model, config = load_checkpoint(path, device, trust_checkpoint=trust_checkpoint)
+        model, config, info = load_checkpoint_with_info(
+            path, device, trust_checkpoint=trust_checkpoint
+        )
         return cls(
             model,
             type_map=config["type_map"],
@@ -109,6 +123,7 @@ class DPCalculator(Calculator):
             sel=config["sel"],
             dtype=model.dtype,
             device=device,
+            trained_on_virials=info["trained_on_virials"],
             **kwargs,
         )
 
@@ -129,6 +144,7 @@ class DPCalculator(Calculator):
             sel=meta["sel"],
             dtype=meta["dtype"],
             device=device,
+            trained_on_virials=meta.get("trained_on_virials"),
             **kwargs,
         )
 
@@ -207,6 +223,16 @@ class DPCalculator(Calculator):
         self.results["energies"] = out[K.ATOM_ENERGY].detach().cpu().double().numpy()
         self.results["forces"] = out[K.FORCES].detach().cpu().double().numpy()
         if want_stress:
+            if self.trained_on_virials is not True and not self._stress_warned:
+                self._stress_warned = True
+                known = "was not" if self.trained_on_virials is False else "is not known to be"
+                warnings.warn(
+                    f"this model {known} trained on virials: its stress is the exact strain "
+                    "derivative of its energy, but its accuracy against DFT is untested "
+                    "(train with optim.updater.train_virial=true on data with virials)",
+                    StressNotTrainedWarning,
+                    stacklevel=2,
+                )
             virial = out[K.VIRIAL].detach().cpu().double().numpy()[0]
             stress = -0.5 * (virial + virial.T) / volume
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)

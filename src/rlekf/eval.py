@@ -1,7 +1,9 @@
 """``rlekf-eval``: errors of a trained checkpoint on any data set, with CSVs and a parity plot.
 
-``rlekf-eval ckpt_path=... [data=...] [split=test|val|train|all]``. The model is rebuilt from
-the checkpoint alone (its ``model_config``), so the ``model`` config group plays no part; the
+``rlekf-eval ckpt_path=... [data=...] [split=test|val|train|all]``. Virial (eV/atom) and stress
+(GPa) errors are reported when the data has virial labels, with whether the checkpoint was
+trained on virials (``trained_on_virials`` in ``metrics.json`` when known). The model is rebuilt
+from the checkpoint alone (its ``model_config``), so the ``model`` config group plays no part; the
 data set is read with the checkpoint's type map, cutoff and ``sel``. Outputs go to the run
 folder (see :func:`rlekf.evaluation.write_outputs`); metrics and the parity plot are logged to
 the configured loggers (``logger=wandb``, ``logger=csv``).
@@ -9,6 +11,7 @@ the configured loggers (``logger=wandb``, ``logger=csv``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -21,7 +24,7 @@ from omegaconf import DictConfig
 from rlekf.data.neighbors import NeighborOverflowError
 from rlekf.data.readers import DataError
 from rlekf.evaluation import format_metrics, predict, select_frames, write_outputs
-from rlekf.export import load_checkpoint
+from rlekf.export import load_checkpoint_with_info
 from rlekf.utils.instantiate import instantiate_many
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     device = cfg.get("device", "cpu")
     ckpt = Path(str(cfg.ckpt_path))
     trust = bool(cfg.get("trust_checkpoint", False))
-    model, config = load_checkpoint(ckpt, device, trust_checkpoint=trust)
-    log.info("model from %s: %s", ckpt, config)
+    model, config, info = load_checkpoint_with_info(ckpt, device, trust_checkpoint=trust)
+    log.info(
+        "model from %s: %s (trained on virials: %s)", ckpt, config, info["trained_on_virials"]
+    )
     model_keys = ("type_map", "rcut", "rcut_smth", "sel", "dtype")
     datamodule = hydra.utils.instantiate(cfg.data, **{k: config[k] for k in model_keys})
     split = str(cfg.get("split", "test"))
@@ -76,7 +81,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     title = f"{ckpt.name} on {split} split of {', '.join(Path(p).name for p in datamodule.paths)}"
     metrics, paths = write_outputs(result, out_dir, title)
-    print(format_metrics(metrics, title))
+    if "virial_rmse" in metrics and info["trained_on_virials"] is not None:
+        metrics["trained_on_virials"] = float(info["trained_on_virials"])
+        paths["metrics"].write_text(json.dumps(metrics, indent=1))
+    print(format_metrics(metrics, title, info["trained_on_virials"]))
     for name, path in paths.items():
         print(f"{name}: {path}")
     _log(cfg, metrics, paths)

@@ -1,7 +1,10 @@
 """Evaluate a trained potential on labelled frames: predictions, errors, CSV and parity plot.
 
 Library code behind ``rlekf-eval`` (no Hydra). Units: energies per atom in eV/atom, forces in
-eV/Å. Errors are prediction minus DFT label.
+eV/Å, virials per atom in eV/atom (``W / n``, DeePMD convention ``W = -stress * volume``) and
+stresses in GPa (``-W / volume``). Errors are prediction minus DFT label. Virial and stress
+errors are reported when some evaluated frames carry virial labels (over those frames only, all
+9 components of the 3x3 tensor, like ``val/virial_rmse``).
 
 Files written by :func:`write_outputs`:
 
@@ -10,7 +13,8 @@ Files written by :func:`write_outputs`:
 * ``predictions_atoms.csv``: one row per atom: ``frame_id, atom, element, fx_dft, fy_dft,
   fz_dft, fx_pred, fy_pred, fz_pred`` (eV/Å);
 * ``metrics.json``: the numbers of :func:`compute_metrics`;
-* ``parity.png``: predicted vs DFT energy per atom and force components.
+* ``parity.png``: predicted vs DFT energy per atom and force components (and virial components
+  per atom when the data has virials).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ ATOMS_CSV = "predictions_atoms.csv"
 PARITY_PNG = "parity.png"
 METRICS_JSON = "metrics.json"
 
+#: 1 eV/Å^3 in GPa.
+EV_PER_A3_IN_GPA = 160.21766208
+
 
 @dataclass
 class EvalResult:
@@ -64,6 +71,10 @@ class EvalResult:
         symbols: (N,) element symbol of each atom.
         forces_dft: (N, 3) eV/Å.
         forces_pred: (N, 3) eV/Å.
+        has_virial: (B,) bool, frames with a virial label (``None``: virials not evaluated).
+        virial_dft: (B, 3, 3) eV (zeros where there is no label).
+        virial_pred: (B, 3, 3) eV.
+        volume: (B,) Å^3 (0 for a cell that is not periodic in all three directions).
     """
 
     frame_id: np.ndarray
@@ -76,6 +87,10 @@ class EvalResult:
     symbols: np.ndarray
     forces_dft: np.ndarray
     forces_pred: np.ndarray
+    has_virial: np.ndarray | None = None
+    virial_dft: np.ndarray | None = None
+    virial_pred: np.ndarray | None = None
+    volume: np.ndarray | None = None
 
     @property
     def energy_per_atom_dft(self) -> np.ndarray:
@@ -95,6 +110,7 @@ def predict(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    virial: bool | None = None,
 ) -> EvalResult:
     """Run ``model`` (a :class:`~rlekf.models.DeepPotential`) on every frame of ``dataset``.
 
@@ -104,6 +120,7 @@ def predict(
         batch_size: frames per forward pass.
         device: torch device.
         progress: show a rich progress bar.
+        virial: predict virials; ``None`` = when some frame has a virial label.
 
     Returns:
         Predictions and labels in data-set order.
@@ -111,8 +128,12 @@ def predict(
     from ase.data import chemical_symbols
 
     model = model.to(device).eval()
+    items = dataset.items
+    has = np.array([bool(it[K.HAS_VIRIAL][0]) for it in items], dtype=bool)
+    if virial is None:
+        virial = bool(has.any())
     order = range(0, len(dataset), batch_size)
-    e_p, f_p = [], []
+    e_p, f_p, w_p = [], [], []
     track: Iterable[int] = order
     if progress:
         from rich.progress import track as rich_track
@@ -122,10 +143,11 @@ def predict(
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) for k, v in collate_atoms(items).items()}
         with torch.enable_grad():
-            out = model(batch, forces=True, virial=False)
+            out = model(batch, forces=True, virial=virial)
         e_p.append(out[K.ENERGY].detach().double().cpu().numpy())
         f_p.append(out[K.FORCES].detach().double().cpu().numpy())
-    items = dataset.items
+        if virial:
+            w_p.append(out[K.VIRIAL].detach().double().cpu().numpy())
     n_atoms = np.array([int(it[K.N_ATOMS][0]) for it in items], dtype=np.int64)
     numbers = np.concatenate([it[K.NUMBERS].numpy() for it in items]) if items else np.zeros(0)
     return EvalResult(
@@ -143,7 +165,27 @@ def predict(
             else np.zeros((0, 3))
         ),
         forces_pred=np.concatenate(f_p) if f_p else np.zeros((0, 3)),
+        **(_virials(items, has, w_p) if virial else {}),
     )
+
+
+def _virials(items: list, has: np.ndarray, w_p: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The virial fields of :class:`EvalResult` (labels, predictions, volumes)."""
+    volume = []
+    for it in items:
+        periodic = bool(it[K.PBC][0].all())
+        cell = it[K.CELL][0].double().numpy()
+        volume.append(abs(float(np.linalg.det(cell))) if periodic else 0.0)
+    return {
+        "has_virial": has,
+        "virial_dft": (
+            np.concatenate([it[K.VIRIAL].double().numpy() for it in items])
+            if items
+            else np.zeros((0, 3, 3))
+        ),
+        "virial_pred": np.concatenate(w_p) if w_p else np.zeros((0, 3, 3)),
+        "volume": np.array(volume, dtype=np.float64),
+    }
 
 
 def _rmse(err: np.ndarray) -> float:
@@ -160,7 +202,10 @@ def compute_metrics(result: EvalResult) -> dict[str, float]:
     Returns:
         ``n_frames``, ``n_atoms``, ``energy_rmse``, ``energy_mae`` (over frames, of
         (E_pred − E_dft)/n), ``force_rmse``, ``force_mae`` (over all Cartesian components),
-        and ``force_rmse/<El>``, ``force_mae/<El>`` over the atoms of each element.
+        and ``force_rmse/<El>``, ``force_mae/<El>`` over the atoms of each element. When
+        frames with virial labels were evaluated: ``n_virial_frames``, ``virial_rmse``,
+        ``virial_mae`` (eV/atom, of (W_pred − W_dft)/n over their 9 components) and
+        ``stress_rmse``, ``stress_mae`` (GPa, of −(W_pred − W_dft)/volume, periodic frames).
     """
     e_err = result.energy_per_atom_pred - result.energy_per_atom_dft
     f_err = result.forces_pred - result.forces_dft
@@ -176,11 +221,43 @@ def compute_metrics(result: EvalResult) -> dict[str, float]:
         sel = result.symbols == el
         out[f"force_rmse/{el}"] = _rmse(f_err[sel])
         out[f"force_mae/{el}"] = _mae(f_err[sel])
+    errors = virial_errors(result)
+    if errors is not None:
+        w_err, s_err = errors
+        out["n_virial_frames"] = float(len(w_err))
+        out["virial_rmse"] = _rmse(w_err)
+        out["virial_mae"] = _mae(w_err)
+        out["stress_rmse"] = _rmse(s_err)
+        out["stress_mae"] = _mae(s_err)
     return out
 
 
-def format_metrics(metrics: Mapping[str, float], title: str = "") -> str:
-    """Human-readable table of :func:`compute_metrics` (6 significant digits)."""
+def virial_errors(result: EvalResult) -> tuple[np.ndarray, np.ndarray] | None:
+    """Virial errors per atom ``(m, 3, 3)`` eV/atom and stress errors ``(m', 3, 3)`` GPa.
+
+    Over the ``m`` frames with a virial label (``m'`` of them periodic); ``None`` when no
+    virial was evaluated or no frame has a label.
+    """
+    if result.has_virial is None or not bool(np.any(result.has_virial)):
+        return None
+    assert result.virial_pred is not None and result.virial_dft is not None
+    assert result.volume is not None
+    has = result.has_virial
+    d_w = result.virial_pred[has] - result.virial_dft[has]
+    w_err = d_w / result.n_atoms[has][:, None, None]
+    vol = result.volume[has]
+    periodic = vol > 1e-12
+    s_err = -d_w[periodic] / vol[periodic][:, None, None] * EV_PER_A3_IN_GPA
+    return w_err, s_err
+
+
+def format_metrics(
+    metrics: Mapping[str, float], title: str = "", trained_on_virials: bool | None = None
+) -> str:
+    """Human-readable table of :func:`compute_metrics` (6 significant digits).
+
+    ``trained_on_virials`` (from the checkpoint) qualifies the virial/stress lines.
+    """
     lines = [title] if title else []
     lines.append(f"frames: {int(metrics['n_frames'])}, atoms: {int(metrics['n_atoms'])}")
     lines.append(f"energy RMSE: {metrics['energy_rmse']:.6g} eV/atom")
@@ -193,6 +270,18 @@ def format_metrics(metrics: Mapping[str, float], title: str = "") -> str:
             f"  {el:>2}: force RMSE {metrics[key]:.6g} eV/Å, "
             f"MAE {metrics[f'force_mae/{el}']:.6g} eV/Å"
         )
+    if "virial_rmse" in metrics:
+        lines.append(f"virial frames: {int(metrics['n_virial_frames'])}")
+        lines.append(f"virial RMSE: {metrics['virial_rmse']:.6g} eV/atom")
+        lines.append(f"virial MAE:  {metrics['virial_mae']:.6g} eV/atom")
+        lines.append(f"stress RMSE: {metrics['stress_rmse']:.6g} GPa")
+        lines.append(f"stress MAE:  {metrics['stress_mae']:.6g} GPa")
+        if trained_on_virials is not True:
+            known = "was not" if trained_on_virials is False else "is not known to be"
+            lines.append(
+                f"  (the model {known} trained on virials: its stress is the exact strain "
+                "derivative of its energy, not fitted to DFT)"
+            )
     return "\n".join(lines)
 
 
@@ -283,7 +372,8 @@ def parity_plot(
     title: str = "",
     max_points: int = 200_000,
 ) -> Path:
-    """Save a two-panel parity plot (PNG): energy per atom and force components.
+    """Save a parity plot (PNG): energy per atom, force components and, when frames with
+    virial labels were evaluated, virial components per atom (a third panel).
 
     Args:
         result: predictions.
@@ -298,7 +388,10 @@ def parity_plot(
     import matplotlib.pyplot as plt
 
     metrics = metrics if metrics is not None else compute_metrics(result)
-    fig, (ax_e, ax_f) = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
+    with_virial = virial_errors(result) is not None and "virial_rmse" in metrics
+    n_panels = 3 if with_virial else 2
+    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4.6), constrained_layout=True)
+    ax_e, ax_f = axes[0], axes[1]
     e_x, e_y = result.energy_per_atom_dft, result.energy_per_atom_pred
     ax_e.scatter(
         e_x, e_y, s=10, alpha=0.7, label=f"RMSE {1000 * metrics['energy_rmse']:.3g} meV/atom"
@@ -322,6 +415,8 @@ def parity_plot(
     ax_f.set_ylabel("predicted force component (eV/Å)")
     ax_f.set_title(f"forces (all: RMSE {metrics['force_rmse']:.3g} eV/Å)")
     ax_f.legend(loc="upper left", markerscale=3)
+    if with_virial:
+        _virial_panel(axes[2], result, metrics)
     if title:
         fig.suptitle(title)
     path = Path(path)
@@ -329,6 +424,22 @@ def parity_plot(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _virial_panel(ax: Any, result: EvalResult, metrics: Mapping[str, float]) -> None:
+    assert result.has_virial is not None and result.virial_dft is not None
+    assert result.virial_pred is not None
+    has = result.has_virial
+    n = result.n_atoms[has][:, None, None]
+    w_x = (result.virial_dft[has] / n).reshape(-1)
+    w_y = (result.virial_pred[has] / n).reshape(-1)
+    rmse = 1000 * metrics["virial_rmse"]
+    ax.scatter(w_x, w_y, s=6, alpha=0.6, label=f"RMSE {rmse:.3g} meV/atom")
+    _diagonal(ax, w_x, w_y)
+    ax.set_xlabel("DFT virial component (eV/atom)")
+    ax.set_ylabel("predicted virial component (eV/atom)")
+    ax.set_title(f"virial per atom (stress RMSE {metrics['stress_rmse']:.3g} GPa)")
+    ax.legend(loc="upper left")
 
 
 def _diagonal(ax: Any, x: np.ndarray, y: np.ndarray) -> None:

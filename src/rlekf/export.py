@@ -59,11 +59,13 @@ __all__ = [
     "UntrustedCheckpointError",
     "export_model",
     "load_checkpoint",
+    "load_checkpoint_with_info",
     "load_exported",
     "main",
 ]
 
-#: Version of the exported file layout; bump when inputs, outputs or metadata change.
+#: Version of the exported file layout; bump when inputs, outputs or required metadata change
+#: (an added optional key such as ``trained_on_virials`` does not: older readers ignore it).
 FORMAT_VERSION: int = 2
 
 #: Older format versions :func:`load_exported` still reads.
@@ -131,6 +133,18 @@ def load_checkpoint(
 ) -> tuple[DeepPotential, dict[str, Any]]:
     """Rebuild the trained :class:`DeepPotential` of a Lightning checkpoint.
 
+    Same as :func:`load_checkpoint_with_info` without its third value.
+    """
+    model, config, _ = load_checkpoint_with_info(path, device, trust_checkpoint=trust_checkpoint)
+    return model, config
+
+
+def load_checkpoint_with_info(
+    path: PathLike, device: str | torch.device = "cpu", *, trust_checkpoint: bool = False
+) -> tuple[DeepPotential, dict[str, Any], dict[str, Any]]:
+    """Rebuild the trained :class:`DeepPotential` of a Lightning checkpoint, with its training
+    facts.
+
     The model is built from the checkpoint's ``model_config`` (not from any Hydra config), so a
     checkpoint of any size, cutoff or type map loads.
 
@@ -147,7 +161,9 @@ def load_checkpoint(
             for files whose origin you trust).
 
     Returns:
-        The model in eval mode and the checkpoint's ``model_config``.
+        The model in eval mode, the checkpoint's ``model_config`` and ``{"trained_on_virials":
+        True | False | None}`` (whether the weights were fitted to virial labels; ``None`` for
+        a checkpoint written before rlekf recorded it).
 
     Raises:
         FileNotFoundError: no such file.
@@ -190,7 +206,8 @@ def load_checkpoint(
             "false): it was saved before training started; use a checkpoint of a trained run"
         )
     model.to(device).eval()
-    return model, config
+    flag = ckpt.get("trained_on_virials")
+    return model, config, {"trained_on_virials": None if flag is None else bool(flag)}
 
 
 # ------------------------------------------------------------------------------ TorchScript
@@ -225,7 +242,9 @@ class _FormatV1(nn.Module):
         return out
 
 
-def _metadata(model: DeepPotential, config: dict[str, Any], source: str) -> dict[str, Any]:
+def _metadata(
+    model: DeepPotential, config: dict[str, Any], source: str, trained_on_virials: bool | None
+) -> dict[str, Any]:
     from rlekf import __version__
 
     return {
@@ -242,12 +261,17 @@ def _metadata(model: DeepPotential, config: dict[str, Any], source: str) -> dict
             "energy_bias": model.energy_bias.tolist(),
         },
         "source": source,
+        "trained_on_virials": trained_on_virials,
         "rlekf_version": __version__,
     }
 
 
 def export_model(
-    model: DeepPotential | PathLike, out: PathLike, *, trust_checkpoint: bool = False
+    model: DeepPotential | PathLike,
+    out: PathLike,
+    *,
+    trust_checkpoint: bool = False,
+    trained_on_virials: bool | None = None,
 ) -> Path:
     """Script a trained model and save it as a self-contained TorchScript file.
 
@@ -255,6 +279,8 @@ def export_model(
         model: a trained :class:`DeepPotential` or the path of a checkpoint.
         out: output file (conventionally ``.pt``); parent folders are created.
         trust_checkpoint: see :func:`load_checkpoint`.
+        trained_on_virials: stored in the metadata (``None`` = unknown); for a checkpoint
+            path the checkpoint's own flag is used when this is ``None``.
 
     Returns:
         The path written.
@@ -262,13 +288,15 @@ def export_model(
     source = "<memory>"
     if isinstance(model, (str, os.PathLike)):
         source = str(model)
-        model, config = load_checkpoint(model, trust_checkpoint=trust_checkpoint)
+        model, config, info = load_checkpoint_with_info(model, trust_checkpoint=trust_checkpoint)
+        if trained_on_virials is None:
+            trained_on_virials = info["trained_on_virials"]
     else:
         config = dict(model.config)
     model = copy.deepcopy(model).to("cpu").eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps(_metadata(model, config, source), indent=1)
+    meta = json.dumps(_metadata(model, config, source, trained_on_virials), indent=1)
     with _quiet_jit():
         scripted = torch.jit.script(model)
         torch.jit.save(scripted, str(out), _extra_files={META_FILE: meta})
@@ -296,7 +324,8 @@ def load_exported(
         The module (eval mode), called as ``module(batch, forces, virial)`` like
         :class:`DeepPotential` (a format-1 file comes wrapped to take that call), and its
         metadata (``type_map``, ``rcut``, ``rcut_smth``, ``sel``, ``dtype``,
-        ``format_version``, ``model_config``, ...).
+        ``format_version``, ``model_config``, ``trained_on_virials`` (true/false, null or
+        absent when unknown), ...).
 
     Raises:
         FileNotFoundError: no such file.
@@ -347,7 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", help=".ckpt file written by rlekf-train")
     parser.add_argument(
-        "-o", "--output", default=None, help="output file (default: <checkpoint stem>.pt)"
+        "-o",
+        "--output",
+        default=None,
+        help="output file (default: <checkpoint stem>.pt, or .dp with --format deepmd)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("torchscript", "deepmd"),
+        default="torchscript",
+        help="torchscript (default): rlekf's TorchScript file; deepmd: DeePMD-kit 3.2's model "
+        "format (.dp or .yaml) for dp test, dp convert-backend and LAMMPS (rlekf.interop.deepmd)",
     )
     parser.add_argument(
         "--trust-checkpoint",
@@ -357,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     ckpt = Path(args.checkpoint)
+    if args.format == "deepmd":
+        return _main_deepmd(ckpt, args.output, args.trust_checkpoint)
     out = Path(args.output) if args.output else ckpt.with_suffix(".pt")
     try:
         path = export_model(ckpt, out, trust_checkpoint=args.trust_checkpoint)
@@ -367,6 +408,23 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"exported {ckpt} -> {path} (format {meta['format_version']}, type_map "
         f"{meta['type_map']}, rcut {meta['rcut']} Å, sel {meta['sel']}, {meta['dtype']})"
+    )
+    return 0
+
+
+def _main_deepmd(ckpt: Path, output: str | None, trust_checkpoint: bool) -> int:
+    from rlekf.interop.deepmd import DEEPMD_KIT_VERSION, export_deepmd, from_deepmd, read_deepmd
+
+    out = Path(output) if output else ckpt.with_suffix(".dp")
+    try:
+        path = export_deepmd(ckpt, out, trust_checkpoint=trust_checkpoint)
+        model = from_deepmd(read_deepmd(path), where=str(path))
+    except (OSError, ValueError) as exc:
+        print(f"rlekf-export: error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"exported {ckpt} -> {path} (DeePMD-kit {DEEPMD_KIT_VERSION} format, se_e2_a, type_map "
+        f"{model.type_map}, rcut {model.rcut} Å, sel {model.sel}, {model.config['dtype']})"
     )
     return 0
 
