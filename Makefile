@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 export WANDB_MODE ?= offline
 
-.PHONY: help install train train-adam eval export md sweep report bench profile bench-dist test test-full lint format clean clean-logs
+.PHONY: help install train train-adam eval export md sweep report bench profile bench-dist test test-full test-interop lint format clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -68,6 +68,22 @@ test: $(STAMP) ## run the test suite (without slow tests)
 
 test-full: $(STAMP) ## run every test, slow ones included
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# DeePMD-kit + LAMMPS for the interop checks, in their own venv: deepmd-kit pins its own torch
+# (3.2.0 wants torch==2.11.0), which differs from ours, so it never goes into $(VENV)
+INTEROP_VENV ?= .venv-interop
+DEEPMD_KIT ?= deepmd-kit[torch,lmp]==3.2.0
+# the wheel's C++ library (LAMMPS plugin) dlopens libcudart.so.12 even on a CPU-only machine
+INTEROP_EXTRA ?= nvidia-cuda-runtime-cu12
+INTEROP_STAMP := $(INTEROP_VENV)/.installed
+
+$(INTEROP_STAMP): pyproject.toml
+	@test -x $(INTEROP_VENV)/bin/python || $(PY) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install -q "$(DEEPMD_KIT)" $(INTEROP_EXTRA) -e '.[dev]'
+	@touch $(INTEROP_STAMP)
+
+test-interop: $(INTEROP_STAMP) ## DeePMD-kit 3.2 + LAMMPS checks of rlekf-export --format deepmd (own venv, not in `make test`)
+	$(INTEROP_VENV)/bin/python -m pytest tests/interop -q -p no:cacheprovider $(ARGS)
 
 lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check src tests

@@ -16,7 +16,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from rlekf.utils.instantiate import instantiate_many, print_config
+from rlekf.utils.instantiate import instantiate_many, instantiate_model, print_config
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
+    model = instantiate_model(cfg.model, datamodule)  # data.sel=auto chooses sel here
     task = hydra.utils.instantiate(cfg.task, model=model)
     callbacks = instantiate_many(cfg.get("callbacks"), "callback")
     loggers = instantiate_many(cfg.get("logger"), "logger")

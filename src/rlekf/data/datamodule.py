@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from rlekf.data import keys as K
 from rlekf.data.dataset import AtomsDataset, GroupedBatchSampler, collate_atoms
 from rlekf.data.io import atomic_write_bytes
-from rlekf.data.readers import DataError, Frame, read_frames_with_report
+from rlekf.data.neighbors import auto_sel, max_neighbor_counts, parse_sel
+from rlekf.data.readers import DataError, Frame, apply_type_map, read_frames_with_report
 from rlekf.data.stats import energy_bias, env_statistics
 
 __all__ = ["AtomsDataModule", "split_frames"]
@@ -158,7 +159,11 @@ class AtomsDataModule(L.LightningDataModule):
             :func:`~rlekf.data.readers.read_frames`).
         type_map: element symbols of the model, in type order.
         rcut: model cutoff (Å), for the neighbour lists.
-        sel: neighbour slots per type (the model's ``sel``).
+        sel: neighbour slots per type (the model's ``sel``), or ``"auto"`` / ``"auto:RATIO"``:
+            chosen in :meth:`setup` from the training frames like DeePMD-kit's ``sel: auto``
+            (largest count of each type within ``rcut`` × RATIO (default 1.1), rounded up to a
+            multiple of 4; :func:`~rlekf.data.neighbors.auto_sel`); read it back from
+            :attr:`sel` or :meth:`resolve_sel`. :attr:`sel_info` records how it was chosen.
         rcut_smth: model switching start (Å), for the descriptor statistics.
         fmt: reader format, ``auto`` by default.
         val_path: explicit validation data (overrides ``val_fraction``).
@@ -193,7 +198,7 @@ class AtomsDataModule(L.LightningDataModule):
         path: PathLike | Sequence[PathLike],
         type_map: Sequence[str],
         rcut: float,
-        sel: Sequence[int],
+        sel: Sequence[int] | str,
         rcut_smth: float = 0.5,
         fmt: str = "auto",
         val_path: PathLike | Sequence[PathLike] | None = None,
@@ -225,7 +230,11 @@ class AtomsDataModule(L.LightningDataModule):
         self.type_map = list(type_map)
         self.rcut = float(rcut)
         self.rcut_smth = float(rcut_smth)
-        self.sel = [int(s) for s in sel]
+        self.sel_ratio = parse_sel(sel)
+        self.sel: list[int] | str = (
+            str(sel) if self.sel_ratio is not None else [int(s) for s in sel]
+        )
+        self.sel_info: dict[str, Any] | None = None
         self.fmt = fmt
         self.split = split
         self.val_fraction = float(val_fraction)
@@ -332,6 +341,8 @@ class AtomsDataModule(L.LightningDataModule):
             parts["test"] = self._read_range(self.test_paths, self.test_frames, "test_frames")
         if not parts["train"]:
             raise DataError(f"the training split of {self.paths} is empty")
+        if self.sel_ratio is not None:
+            self._choose_sel(parts["train"])
         if not parts["val"]:
             raise DataError(
                 f"the validation split of {self.paths} is empty: set data.val_fraction > 0, "
@@ -358,6 +369,43 @@ class AtomsDataModule(L.LightningDataModule):
             self.datasets["train"].max_neighbors.tolist(),
             self.sel,
         )
+
+    def _choose_sel(self, frames: list[Frame]) -> None:
+        """``sel=auto``: per-type largest neighbour count over ``frames``, with the margin."""
+        nt = len(self.type_map)
+        largest = np.zeros(nt, dtype=np.int64)
+        for f in frames:
+            types = apply_type_map(f.numbers, self.type_map, f.source, f.index)
+            counts = max_neighbor_counts(f.positions, f.cell, f.pbc, types, self.rcut, nt)
+            largest = np.maximum(largest, counts)
+        sel = auto_sel(largest, self.sel_ratio)
+        self.sel_info = {
+            "rule": f"auto:{self.sel_ratio:g}",
+            "max_neighbors": largest.tolist(),
+            "frames": len(frames),
+            "sel": sel,
+        }
+        self.sel = sel
+        per_type = dict(zip(self.type_map, largest.tolist(), strict=True))
+        log.info(
+            "sel=auto: largest neighbour count per type within rcut=%s Å over %d training "
+            "frames %s x %g, rounded up to a multiple of 4 -> sel %s",
+            self.rcut,
+            len(frames),
+            per_type,
+            self.sel_ratio,
+            sel,
+        )
+
+    def resolve_sel(self) -> list[int]:
+        """The neighbour slots per type; with ``sel=auto`` reads the data to choose them."""
+        if isinstance(self.sel, str):
+            self.setup("fit")
+        return list(self.sel)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stored in the checkpoint by Lightning: how ``sel=auto`` chose ``sel`` (else empty)."""
+        return {"sel_auto": dict(self.sel_info)} if self.sel_info else {}
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict[str, Any]:

@@ -12,7 +12,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NeighborOverflowError", "SlotNeighbors", "pair_list", "slot_neighbors"]
+__all__ = [
+    "AUTO_SEL_RATIO",
+    "NeighborOverflowError",
+    "SlotNeighbors",
+    "auto_sel",
+    "max_neighbor_counts",
+    "pair_list",
+    "parse_sel",
+    "slot_neighbors",
+]
+
+#: Default margin of ``sel=auto`` (DeePMD-kit's ``sel: "auto"`` uses the same 1.1).
+AUTO_SEL_RATIO: float = 1.1
 
 
 class NeighborOverflowError(ValueError):
@@ -139,3 +151,73 @@ def slot_neighbors(
     neighbors[i, slot] = j
     shifts[i, slot] = s
     return SlotNeighbors(neighbors=neighbors, shifts=shifts, max_count=max_count)
+
+
+def max_neighbor_counts(
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    types: np.ndarray,
+    cutoff: float,
+    ntypes: int,
+) -> np.ndarray:
+    """Largest number of neighbours of each type within ``cutoff`` over the atoms of one frame.
+
+    Counts pairs with distance < ``cutoff``, the pairs :func:`slot_neighbors` keeps.
+
+    Args:
+        positions: (n, 3) Å.
+        cell: (3, 3) Å.
+        pbc: (3,) bool.
+        types: (n,) type index of each atom (< ``ntypes``).
+        cutoff: Å.
+        ntypes: number of types.
+
+    Returns:
+        (ntypes,) int64.
+    """
+    types = np.asarray(types, dtype=np.int64)
+    i, j, _, d = pair_list(positions, cell, pbc, cutoff)
+    keep = d < cutoff
+    counts = np.zeros((len(types), ntypes), dtype=np.int64)
+    np.add.at(counts, (i[keep], types[j[keep]]), 1)
+    return counts.max(axis=0) if len(types) else np.zeros(ntypes, dtype=np.int64)
+
+
+def parse_sel(sel: object) -> float | None:
+    """The margin of an ``auto`` sel (``"auto"`` or ``"auto:RATIO"``), ``None`` for a list.
+
+    Raises:
+        ValueError: a string that is not ``auto[:RATIO]`` with RATIO >= 1.
+    """
+    if not isinstance(sel, str):
+        return None
+    word, _, ratio = sel.partition(":")
+    try:
+        value = float(ratio) if ratio else AUTO_SEL_RATIO
+    except ValueError:
+        value = float("nan")
+    if word != "auto" or not value >= 1.0:
+        raise ValueError(
+            f"sel must be a list of neighbour counts per type, 'auto' or 'auto:RATIO' with "
+            f"RATIO >= 1 (e.g. auto:1.2); got {sel!r}"
+        )
+    return value
+
+
+def auto_sel(max_counts: np.ndarray, ratio: float = AUTO_SEL_RATIO) -> list[int]:
+    """``sel`` from the largest neighbour counts: DeePMD-kit's ``sel: "auto"`` rule.
+
+    Each count is multiplied by ``ratio``, truncated to an integer and rounded up to a
+    multiple of 4 (``4 * ceil(floor(ratio * n) / 4)``); a type never seen as a neighbour
+    gets 4 slots.
+
+    Args:
+        max_counts: (ntypes,) largest neighbour count of each type over the training frames.
+        ratio: margin (>= 1).
+    """
+    out = []
+    for n in np.asarray(max_counts, dtype=np.int64).tolist():
+        scaled = int(n * ratio)
+        out.append(max(4, 4 * ((scaled + 3) // 4)))
+    return out

@@ -1,4 +1,4 @@
-"""Instantiate lists of callbacks and loggers from Hydra configs."""
+"""Instantiate lists of callbacks and loggers, and the model, from Hydra configs."""
 
 from __future__ import annotations
 
@@ -25,6 +25,21 @@ def instantiate_many(cfg: DictConfig | None, what: str) -> list[Any]:
         elif node is not None:
             log.debug("skipping %s entry %s without _target_", what, name)
     return out
+
+
+def instantiate_model(cfg: DictConfig, datamodule: Any) -> Any:
+    """Instantiate ``cfg`` (the model node); ``sel: auto`` takes the data module's choice.
+
+    With ``data.sel=auto`` the model's ``sel`` (``${data.sel}``) is the string ``auto``; the
+    data module then counts neighbours over its training frames (``resolve_sel``) and the model
+    is built with that list, which its checkpoint stores in ``model_config``.
+    """
+    sel = OmegaConf.select(cfg, "sel", default=None)
+    if isinstance(sel, str) and sel.startswith("auto") and hasattr(datamodule, "resolve_sel"):
+        chosen = datamodule.resolve_sel()
+        print(f"sel={sel}: {chosen} ({getattr(datamodule, 'sel_info', None)})")
+        return hydra.utils.instantiate(cfg, sel=chosen)
+    return hydra.utils.instantiate(cfg)
 
 
 def print_config(cfg: DictConfig) -> None:
