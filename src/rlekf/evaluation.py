@@ -140,8 +140,8 @@ def predict(
 
         track = rich_track(order, description="evaluating", total=len(order))
     for start in track:
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(device) for k, v in collate_atoms(items).items()}
+        chunk = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) for k, v in collate_atoms(chunk).items()}
         with torch.enable_grad():
             out = model(batch, forces=True, virial=virial)
         e_p.append(out[K.ENERGY].detach().double().cpu().numpy())
