@@ -84,6 +84,7 @@ class DPCalculator(Calculator):
         super().__init__(**kwargs)
         self.trained_on_virials = trained_on_virials
         self._stress_warned = False
+        self.uncertainty = None  # a KalmanUncertainty: from_checkpoint(..., uncertainty=True)
         self.model = model
         self.type_map = list(type_map)
         self.rcut = float(rcut)
@@ -102,6 +103,8 @@ class DPCalculator(Calculator):
         device: str | torch.device = "cpu",
         *,
         trust_checkpoint: bool = False,
+        uncertainty: bool = False,
+        force_estimator: str | None = None,
         **kwargs: Any,
     ) -> DPCalculator:
         """Calculator from a Lightning checkpoint written by ``rlekf-train``.
@@ -109,14 +112,30 @@ class DPCalculator(Calculator):
         The file is read with ``weights_only=True`` (no code from the file runs); set
         ``trust_checkpoint=True`` only for a file of trusted origin that needs full unpickling.
 
+        With ``uncertainty=True`` (an RLEKF checkpoint) every calculation also fills
+        ``results["energy_std"]`` (eV, total energy) and ``results["forces_std"]`` ((n,) eV/Å,
+        per atom) from the Kalman covariance ``P`` (:mod:`rlekf.uncertainty`), calibrated by
+        the checkpoint's sidecar ``<checkpoint>.uncertainty.json`` (raw scale of ``P`` and an
+        ``UncalibratedWarning`` without one); ``force_estimator`` (``"exact"``: 3n gradients,
+        ``"signed"``: n) defaults to the calibration's.
+
         Raises:
             ValueError: not an rlekf checkpoint, or one that needs full unpickling without
                 ``trust_checkpoint`` (see :func:`rlekf.export.load_checkpoint`).
+            rlekf.uncertainty.NoCovarianceError: ``uncertainty=True`` and the checkpoint holds
+                no ``P`` (trained with Adam).
         """
         model, config, info = load_checkpoint_with_info(
             path, device, trust_checkpoint=trust_checkpoint
         )
-        return cls(
+        kalman = None
+        if uncertainty:
+            from rlekf.uncertainty import KalmanUncertainty
+
+            kalman = KalmanUncertainty.from_checkpoint(
+                path, model, force_estimator=force_estimator, trust_checkpoint=trust_checkpoint
+            )
+        calc = cls(
             model,
             type_map=config["type_map"],
             rcut=config["rcut"],
@@ -126,6 +145,8 @@ class DPCalculator(Calculator):
             trained_on_virials=info["trained_on_virials"],
             **kwargs,
         )
+        calc.uncertainty = kalman
+        return calc
 
     @classmethod
     def from_file(
@@ -222,6 +243,10 @@ class DPCalculator(Calculator):
         self.results["free_energy"] = energy
         self.results["energies"] = out[K.ATOM_ENERGY].detach().cpu().double().numpy()
         self.results["forces"] = out[K.FORCES].detach().cpu().double().numpy()
+        if self.uncertainty is not None:
+            std = self.uncertainty(batch, forces=True)
+            self.results["energy_std"] = float(std["energy_std"][0])
+            self.results["forces_std"] = std["forces_std"]
         if want_stress:
             if self.trained_on_virials is not True and not self._stress_warned:
                 self._stress_warned = True
