@@ -132,3 +132,67 @@ def random_directions(model, count: int, seed: int = 0) -> list[torch.Tensor]:
         v = torch.randn(n, generator=g, dtype=torch.float64)
         out.append((v / v.norm()).to(dtype))
     return out
+
+
+# the 6 independent components of a symmetric 3x3 tensor, written out by hand (Voigt order)
+VOIGT_BY_HAND = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
+
+
+def virial_reference(w_label, w_pred, has, n: int, p: float) -> tuple[float, np.ndarray]:
+    """ε and signs of the virial measurement over the frames with a label.
+
+    Args:
+        w_label, w_pred: ``(bs, 3, 3)`` virials (eV); labels of unlabelled frames are never read.
+        has: ``(bs,)`` which frames carry a label.
+        n: atoms per frame.
+        p: virial prefactor p_V.
+
+    Returns:
+        ``(eps, s)``: ε = sqrt(m) · mean |p (W^label − W^pred) / n| over the ``m`` labelled
+        frames and the 6 independent components, and the signs as ``(bs, 6)`` (0 for frames
+        without a label).
+    """
+    w_pred = np.asarray(w_pred, dtype=np.float64)
+    bs = w_pred.shape[0]
+    signs = np.zeros((bs, 6))
+    total, count, m = 0.0, 0, 0
+    for b in range(bs):
+        if not bool(has[b]):
+            continue
+        m += 1
+        for j, (r, c) in enumerate(VOIGT_BY_HAND):
+            err = (float(w_label[b][r][c]) - w_pred[b, r, c]) / n
+            total += abs(p * err)
+            count += 1
+            signs[b, j] = 1.0 if err > 0 else (-1.0 if err < 0 else 0.0)
+    return math.sqrt(m) * total / count, signs
+
+
+def virial_scalar(out, signs: np.ndarray, n: int, p: float) -> float:
+    """Σ s · p · W^pred / n over the labelled frames' 6 components (signs 0 elsewhere)."""
+    w = out[K.VIRIAL].detach().double().numpy()
+    total = 0.0
+    for b in range(signs.shape[0]):
+        for j, (r, c) in enumerate(VOIGT_BY_HAND):
+            if signs[b, j] != 0.0:
+                total += signs[b, j] * p * w[b, r, c]
+    return total / n
+
+
+def predict_virial(model, batch) -> dict:
+    """Energies and virials at the model's current weights, detached."""
+    out = model(batch, forces=False, virial=True)
+    return {k: v.detach() for k, v in out.items()}
+
+
+def fd_virial_directional(model, batch, scalar, v: torch.Tensor, h: float = 1e-5) -> float:
+    """Central difference over the weights of ``scalar(virial predictions)``."""
+    w0 = flat_weights(model)
+    try:
+        set_weights(model, w0 + h * v)
+        plus = scalar(predict_virial(model, batch))
+        set_weights(model, w0 - h * v)
+        minus = scalar(predict_virial(model, batch))
+    finally:
+        set_weights(model, w0)
+    return (plus - minus) / (2 * h)
