@@ -33,7 +33,7 @@ from tests.helpers.frames import cu_frame, model_and_batch
 
 TINY = {"embedding": [4, 8], "fitting": [8, 8], "axis_neuron": 2}
 RCUT, SEL = 4.0, [40]
-N_FRAMES, N_ATOMS = 3, 4
+N_FRAMES, N_ATOMS = 2, 4
 
 
 def _trained(weight_order: str = "storage", updates: int = 6, block_size: int = 64):
@@ -148,7 +148,7 @@ def _save(path, model, opt=None, adam=False):
 
 
 def test_checkpoint_round_trip_calculator_and_calibration(tmp_path):
-    model, opt, batch, frames = _trained("output_major")
+    model, opt, batch, frames = _trained("output_major", updates=2)
     ckpt = _save(tmp_path / "k.ckpt", model, opt)
     loaded = load_covariance(ckpt, model)
     G = torch.randn(3, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
@@ -205,17 +205,23 @@ def test_checkpoint_without_p_says_so(tmp_path):
 
 
 def test_frame_far_from_the_training_data_gets_a_larger_sigma():
-    """Trained on 300 K-like rattles of the equilibrium cell; a 12 % compressed, strongly
-    rattled cell is far outside. Measured (seeded): σ_E ratio 5.6, mean σ_F ratio 3.2; the
-    test asks for 2.5 and 1.8."""
-    model, opt, _, frames = _trained("output_major", updates=15)
+    """Trained (8 Kalman batches) on rattles of the equilibrium cell; a 12 % compressed,
+    strongly rattled cell is far outside. Measured (seeded, 2026-12-02): σ_E ratio 2.70 (the
+    p0·I control 1.49), mean σ_F ratio 5.23 (control 4.68); asserted with margins: 2.0, 3.0,
+    and the Kalman σ_E ratio at least 1.4x the control's (measured 1.82x)."""
+    model, opt, _, frames = _trained("output_major", updates=8)
     train = model_and_batch(frames[:1], ["Cu"], SEL, rcut=RCUT, **TINY)[1]
     far = model_and_batch(
         [cu_frame(1, rattle=0.25, seed=5, a=3.61 * 0.88)], ["Cu"], SEL, rcut=RCUT, **TINY
     )[1]
-    unc = KalmanUncertainty(model, opt)
-    a, b = unc(train), unc(far)
-    ratio_e = float(b["energy_std"][0] / a["energy_std"][0])
-    ratio_f = float(b["forces_std"].mean() / a["forces_std"].mean())
-    assert ratio_e > 2.5, ratio_e
-    assert ratio_f > 1.8, ratio_f
+    ratios = {}
+    for name, cov in (("kalman", opt), ("control", IsotropicCovariance(1.0))):
+        unc = KalmanUncertainty(model, cov)
+        a, b = unc(train), unc(far)
+        ratios[name] = (
+            float(b["energy_std"][0] / a["energy_std"][0]),
+            float(b["forces_std"].mean() / a["forces_std"].mean()),
+        )
+    assert ratios["kalman"][0] > 2.0, ratios
+    assert ratios["kalman"][1] > 3.0, ratios
+    assert ratios["kalman"][0] > 1.4 * ratios["control"][0], ratios
