@@ -57,7 +57,7 @@ def water():
 def water_one_side():
     frames = [water_like_frame(seed=3)]
     model, batch = model_and_batch(
-        frames, ["O", "H"], WATER_SEL, rcut=4.0, embedding=[4, 8], fitting=[8],
+        frames, ["O", "H"], WATER_SEL, rcut=4.0, embedding=[2, 4, 8], fitting=[8],
         axis_neuron=2, type_one_side=True, resnet_dt=False, seed=1,
     )  # fmt: skip
     return _trained_like(model, [-3.0, -1.5]), batch, frames
