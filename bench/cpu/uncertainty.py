@@ -403,14 +403,70 @@ def table(stats: dict, timing: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def cost_default_model(out: Path, size: int = 3, repeats: int = 2) -> dict:
+    """Seconds per frame of each estimator for the default Cu model (26,651 parameters,
+    P in 7 blocks of <= 5120, 0.45 GiB) on the 108-atom cell (the cost does not depend on
+    the values in P: a fresh filter is timed)."""
+    from rlekf.models import DeepPotential
+    from rlekf.optim import RLEKF
+    from rlekf.uncertainty import predictive_variances
+
+    frame = generate_cu_emt(n_frames=1, size=size, seed=5, temperatures=(300.0,), strains=(0.0,))[
+        0
+    ]
+    model = DeepPotential(
+        ["Cu"],
+        rcut=6.0,
+        rcut_smth=0.5,
+        sel=[100],
+        embedding=[25, 25, 25],
+        fitting=[50, 50, 50],
+        axis_neuron=16,
+        seed=0,
+    )
+    model.set_statistics(
+        {"env_avg": [[0.1, 0, 0, 0]], "env_std": [[0.3, 0.2, 0.2, 0.2]], "energy_bias": [-3.5]}
+    )
+    cfg = {"type_map": ["Cu"], "rcut": 6.0, "sel": [100]}
+    opt = RLEKF(model.parameters(), block_size=5120, max_p_bytes=None)
+    batch = _batch(frame, cfg, model.dtype)
+    opt.predictive_variance(torch.zeros(1, sum(p.numel() for p in model.parameters())))
+    res = {"n_atoms": len(frame.numbers), "n_params": sum(p.numel() for p in model.parameters())}
+    cases = {
+        "forward_forces": lambda: model(batch, forces=True),
+        "energy_only": lambda: predictive_variances(model, batch, opt, forces=None),
+        "signed": lambda: predictive_variances(model, batch, opt, forces="signed"),
+        "exact": lambda: predictive_variances(model, batch, opt, forces="exact"),
+        "exact_with_virial": lambda: predictive_variances(
+            model, batch, opt, forces="exact", virial=True
+        ),
+    }
+    for name, fn in cases.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        res[name + "_s"] = min(times)
+        print(f"cost {name}: {min(times):.3f} s", flush=True)
+    (out / "cost_default_model.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--model", default="small")
+    ap.add_argument(
+        "--cost-only", action="store_true", help="only time the estimators on the default model"
+    )
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.cost_only:
+        cost_default_model(out)
+        return 0
     t_start = time.perf_counter()
     sets = make_data(out)
     print(f"data: { ({k: len(v) for k, v in sets.items()}) }", flush=True)

@@ -225,3 +225,17 @@ def test_frame_far_from_the_training_data_gets_a_larger_sigma():
     assert ratios["kalman"][0] > 2.0, ratios
     assert ratios["kalman"][1] > 3.0, ratios
     assert ratios["kalman"][0] > 1.4 * ratios["control"][0], ratios
+
+
+def test_sharded_filter_gives_the_same_sigma():
+    """A ShardedRLEKF (one rank here; collective over the ranks under torch.distributed)
+    holding the same state answers the same variances through this module."""
+    from rlekf.optim import ShardedRLEKF
+
+    model, opt, batch, _ = _trained("output_major", updates=2, block_size=128)
+    sharded = ShardedRLEKF(model.parameters(), block_size=128)
+    sharded.load_state_dict(opt.state_dict())
+    a = predictive_variances(model, batch, opt, forces="signed")
+    b = predictive_variances(model, batch, sharded, forces="signed")
+    np.testing.assert_allclose(b["energy"].numpy(), a["energy"].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(b["forces"].numpy(), a["forces"].numpy(), rtol=1e-12)
