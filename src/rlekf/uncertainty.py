@@ -313,6 +313,12 @@ def load_covariance(
             "Kalman uncertainty; train with optim=rlekf, or use a committee of checkpoints "
             "(rlekf-devi -m a.ckpt -m b.ckpt ...)"
         )
+    if "sharding" in sd:
+        raise ValueError(
+            f"{where} holds one rank's shard of a ShardedRLEKF state, not every block of P: "
+            "use the run's Lightning checkpoint (last.ckpt gathers all blocks on rank 0), or "
+            "load the shards into a ShardedRLEKF on the same ranks and pass it as covariance"
+        )
     if not anchor.get("P"):
         raise NoCovarianceError(
             f"{where}: the RLEKF state holds no P yet (saved before the first Kalman update)"

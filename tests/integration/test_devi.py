@@ -155,3 +155,31 @@ def test_installed_command_runs(files, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "x.out").is_file() and (tmp_path / "x.png").is_file()
+
+
+def test_deepmd_system_and_ase_traj_give_the_same_file(files, tmp_path):
+    """The same 3 frames as a DeePMD system folder (written here by hand) and an ASE .traj."""
+    from ase.io import Trajectory
+
+    frames = files["frames"]
+    system = tmp_path / "sys"
+    (system / "set.000").mkdir(parents=True)
+    (system / "type.raw").write_text("\n".join("0" for _ in frames[0].numbers) + "\n")
+    (system / "type_map.raw").write_text("Cu\n")
+    np.save(system / "set.000" / "coord.npy", np.stack([f.positions.reshape(-1) for f in frames]))
+    np.save(system / "set.000" / "box.npy", np.stack([f.cell.reshape(-1) for f in frames]))
+    with Trajectory(str(tmp_path / "t.traj"), "w") as traj:
+        for f in frames:
+            traj.write(f.to_atoms())
+    committee = ["-m", str(files["a"]), "-m", str(files["b"])]
+    outs = []
+    for name, src in (
+        ("x", files["dir"] / "traj.extxyz"),
+        ("d", system),
+        ("t", tmp_path / "t.traj"),
+    ):
+        assert main([str(src), *committee, "-o", str(tmp_path / f"{name}.out")]) == 0
+        outs.append(_read(tmp_path / f"{name}.out"))
+    assert outs[0].shape == (3, 8)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(outs[2], outs[0], rtol=1e-6, atol=1e-12)
