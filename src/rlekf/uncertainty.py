@@ -462,14 +462,19 @@ class KalmanUncertainty:
         res: dict[str, Any] = {
             "prediction": raw["prediction"],
             "calibrated": self.calibrated,
-            "energy_std": np.sqrt(self.energy_scale * raw["energy"].numpy()),
+            "energy_std": _std(self.energy_scale, raw["energy"]),
         }
         if forces:
-            res["forces_std"] = np.sqrt(self.force_scale * raw["forces"].numpy())
+            res["forces_std"] = _std(self.force_scale, raw["forces"])
         if virial:
-            v = np.sqrt(self.virial_scale * raw["virial"].numpy())
+            v = _std(self.virial_scale, raw["virial"])
             res["virial_std"] = v.reshape(-1, 3, 3)
         return res
+
+
+def _std(scale: float, variance: Tensor) -> np.ndarray:
+    """``sqrt(scale · variance)``; rounding below zero (a PSD form near 0) reads as 0."""
+    return np.sqrt(scale * np.clip(variance.numpy(), 0.0, None))
 
 
 def calibrate_checkpoint(
