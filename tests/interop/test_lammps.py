@@ -1,7 +1,11 @@
 """A potential trained here runs in LAMMPS (``pair_style deepmd``) as it runs in ``rlekf-md``.
 
-The model: ``rlekf-train model=small data.sel=auto trainer.max_epochs=1`` on the embedded EMT
-Cu set (one RLEKF epoch; ``RLEKF_INTEROP_CKPT=path.ckpt`` uses a given checkpoint instead).
+The model: ``rlekf-train model=small data.sel=auto:1.5 trainer.max_epochs=2`` on the embedded
+EMT Cu set (two RLEKF epochs; ``RLEKF_INTEROP_CKPT=path.ckpt`` uses a given checkpoint
+instead). The margin is 1.5, not DeePMD-kit's default 1.1: the training frames have at most 83
+neighbours within 6 Å (``auto`` gives sel 92), but fcc Cu has a shell at 6.25 Å and NVE runs
+with a briefly trained model reached 93 (sel 92) and 102 (sel 100) neighbours, which our
+calculator refuses (LAMMPS silently drops the farthest neighbours instead).
 It is exported (``rlekf-export --format deepmd``), converted (``dp convert-backend model.dp
 model.pth``) and run for 1,000 NVE steps of 1 fs on 108-atom fcc Cu in LAMMPS, from the same
 positions and Maxwell-Boltzmann velocities (300 K, seed 0) as :func:`rlekf.md.run_nve` (the
@@ -36,8 +40,8 @@ def cu_checkpoint(tmp_path_factory) -> Path:
         [
             tool("rlekf-train"),
             "model=small",
-            "data.sel=auto",
-            "trainer.max_epochs=1",
+            "data.sel=auto:1.5",
+            "trainer.max_epochs=2",
             "logger=none",
             "test=false",
             f"paths.output_dir={out}",
