@@ -11,15 +11,16 @@ that either reached (first crossing as a secondary column), mean ± std over see
 of the means with their spread (bounds both ways when one optimizer misses the target), final
 RMSEs, seconds per whole epoch and the peak resident memory of each run.
 
-Microbenchmark: time per Kalman update for the Cu and water models at several block sizes, the
-bytes of P read and written per update (a rank-1 update reads P once for K = P·H and reads and
-writes it once for the in-place rank-1 correction: 24·Σn_i² bytes in float64), and this
-machine's memory bandwidth measured in the same run (a large tensor copy), printed as
-achieved/bound. Next to the rank-1 update it times the opt-in fused rank-k update
-(:meth:`RLEKF.step_k`, ``k`` measurements in one pass over P: the same 3·itemsize·Σn_i² bytes
-per update, so k times fewer per measurement). ``--device cuda`` (``auto``: CUDA when
-available) runs the microbenchmark on the GPU (device-to-device copy as the bound, a
-float32-P row too, peak GPU memory) and the training runs with ``trainer=gpu``.
+Microbenchmark: time per Kalman update for the Cu and water models at several block sizes and
+P dtypes, the bytes of P read and written per update (one read and one write of the stored
+lower tiles: 2 × the stored bytes, rank-1 and rank-k alike), and this machine's memory
+bandwidth measured in the same run (a large tensor copy), printed as achieved/bound; the
+full-storage update of earlier versions (3·itemsize·Σn_i² bytes) is timed beside it. Next to
+the rank-1 update it times the opt-in fused rank-k update (:meth:`RLEKF.step_k`, ``k``
+measurements in one pass over P, so k times fewer bytes per measurement). ``--device cuda``
+(``auto``: CUDA when available) runs the microbenchmark on the GPU (device-to-device copy as
+the bound, peak GPU memory) and the training runs with ``trainer=gpu``. Presets:
+``configs/bench/<preset>.yaml``.
 
 Adam's learning-rate schedule decays over ``trainer.max_epochs``. ``--adam-epochs auto``
 (the default) times a short Adam calibration run per data set and gives Adam the number of
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from rlekf.runs import (
     CRITERIA,
@@ -66,9 +68,11 @@ from rlekf.runs import (
     read_metrics_csv,
     s_per_epoch,
 )
+from rlekf.utils.dtypes import float_dtype
 
 __all__ = [
     "PRESETS",
+    "load_presets",
     "RunResult",
     "adam_epochs_for_budget",
     "calibration_error",
@@ -79,46 +83,35 @@ __all__ = [
     "with_max_epochs",
 ]
 
-# data presets (configs/data/*.yaml) and the overrides each preset uses
-# Data presets (configs/data/*.yaml) with overrides for all runs ("all") and for Adam only.
-# Adam's learning-rate schedule decays over the run's max_epochs, so each preset gives Adam the
-# number of epochs that fits its budget on a 2-core CPU (a well-tuned schedule, not a
-# constant rate); the Kalman runs need no schedule and simply run until the budget ends.
-# Adam's final learning rate for these short budgets: DeePMD's stop_lr = 3.51e-8 is meant for
-# ~1e6 steps; compressed into ~120 epochs it ends Adam's force error higher. Tuned on
-# cu_pwmat (120 epochs, 2-core CPU, 2026-11-25): best validation force RMSE 0.0291 eV/Å with
-# 3.51e-8, 0.0291 with 1e-6, 0.0271 with 1e-5 (energy: 1.4e-4, 2.0e-4, 2.6e-4 eV/atom best).
-ADAM_TUNED = ["optim.updater.stop_lr=1e-5"]
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "datasets": {
-            "cu_pwmat": {"all": [], "adam": [*ADAM_TUNED, "trainer.max_epochs=16"]},
-            "cu_emt": {"all": [], "adam": [*ADAM_TUNED, "trainer.max_epochs=5"]},
-        },
-        "budget_s": 120,
-        "micro_blocks": [1024, 5120],
-    },
-    "cu": {
-        "datasets": {
-            "cu_pwmat": {"all": [], "adam": [*ADAM_TUNED, "trainer.max_epochs=120"]},
-        },
-        "budget_s": 480,
-        "micro_blocks": [1024, 2048, 5120, 10240],
-    },
-    "full": {
-        "datasets": {
-            "cu_pwmat": {"all": [], "adam": [*ADAM_TUNED, "trainer.max_epochs=150"]},
-            "cu_emt": {
-                "all": ["data.batch_size=1"],
-                "adam": [*ADAM_TUNED, "trainer.max_epochs=50"],
-            },
-            "water_deepmd": {"all": [], "adam": [*ADAM_TUNED, "trainer.max_epochs=25"]},
-            "si_mlearn": {"all": [], "adam": [*ADAM_TUNED, "trainer.max_epochs=60"]},
-        },
-        "budget_s": 1200,
-        "micro_blocks": [1024, 2048, 5120, 10240],
-    },
-}
+
+def load_presets(directory: Path | str | None = None) -> dict[str, dict[str, Any]]:
+    """The benchmark presets: ``configs/bench/<name>.yaml`` (``budget_s``: training seconds per
+    run; ``micro_blocks``: block sizes of the microbenchmark; ``datasets``: data preset ->
+    ``{"all": [...], "adam": [...]}`` Hydra overrides).
+
+    Raises:
+        ValueError: A preset file without those keys (naming the file).
+    """
+    from rlekf.utils.instantiate import CONFIG_DIR
+
+    root = Path(directory) if directory is not None else Path(CONFIG_DIR) / "bench"
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.glob("*.yaml")):
+        with path.open() as f:
+            preset = yaml.safe_load(f)
+        if not isinstance(preset, dict) or not {"budget_s", "micro_blocks", "datasets"} <= set(
+            preset
+        ):
+            raise ValueError(f"{path}: a bench preset needs budget_s, micro_blocks and datasets")
+        for name, over in preset["datasets"].items():
+            if not isinstance(over, dict) or set(over) - {"all", "adam"}:
+                raise ValueError(f"{path}: datasets.{name} takes the lists 'all' and 'adam'")
+            preset["datasets"][name] = {k: list(over.get(k) or []) for k in ("all", "adam")}
+        out[path.stem] = preset
+    return out
+
+
+PRESETS: dict[str, dict[str, Any]] = load_presets()
 OPTIMS = ("rlekf", "rlekf_fused", "adam")
 KALMAN = ("rlekf", "rlekf_fused")
 TARGET_FACTOR = 1.2
@@ -454,7 +447,7 @@ def _time_full_path(sizes, p_dtype, repeats, device, gen) -> float:
     ``mv`` then one fused ``addr_`` per block: :func:`rlekf.optim.rlekf_update`)."""
     from rlekf.optim import rlekf_update
 
-    dt = getattr(torch, p_dtype)
+    dt = float_dtype(p_dtype)
     P = [torch.eye(n, dtype=dt, device=device) for n in sizes]
     H = [(torch.randn(n, generator=gen, dtype=dt) * 1e-3).to(device) for n in sizes]
     work = [torch.empty(n, dtype=dt, device=device) for n in sizes]
@@ -577,9 +570,7 @@ def microbench(
                     if full and t_full is None:
                         t_full = _time_full_path(sizes, p_dtype, repeats, device, gen)
                     if t_full is not None:
-                        full_moved = (
-                            3 * getattr(torch, p_dtype).itemsize * sum(n * n for n in sizes)
-                        )
+                        full_moved = 3 * float_dtype(p_dtype).itemsize * sum(n * n for n in sizes)
                         row.update(
                             {
                                 "full_ms_per_update": 1e3 * t_full,

@@ -38,11 +38,11 @@ import torch.multiprocessing as mp
 
 from rlekf.bench import machine_name
 from rlekf.optim.tiled import DEFAULT_TILE, DEFAULT_TILE_CUDA, lower_tile_numel
+from rlekf.utils.dtypes import FLOAT_DTYPES, float_dtype
 
 __all__ = ["largest_model", "main", "shard_bytes"]
 
 _MODELS = {"Cu": (["Cu"], [100]), "H2O": (["O", "H"], [46, 92])}
-_ITEMSIZE = {"float64": 8, "float32": 4}
 
 
 def shard_bytes(
@@ -66,7 +66,7 @@ def shard_bytes(
     load = [0] * world_size
     for n, r in zip(sizes, owner, strict=True):
         load[r] += lower_tile_numel(n, tile)
-    return max(load) * _ITEMSIZE[p_dtype]
+    return max(load) * float_dtype(p_dtype).itemsize
 
 
 def largest_model(
@@ -87,7 +87,7 @@ def largest_model(
     CUDA context and the allocator. Found by bisection on ``N``.
     """
     budget = usable_fraction * gib_per_gpu * 2**30
-    item = _ITEMSIZE[p_dtype]
+    item = float_dtype(p_dtype).itemsize
 
     def fits(n: int) -> bool:
         return shard_bytes(n, block_size, n_gpus, p_dtype, tile) + (k + 3) * n * item <= budget
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--models", nargs="+", default=["Cu", "H2O"], choices=sorted(_MODELS))
     parser.add_argument("--block-size", type=int, default=5120)
-    parser.add_argument("--p-dtype", default="float64", choices=sorted(_ITEMSIZE))
+    parser.add_argument("--p-dtype", default="float64", choices=sorted(FLOAT_DTYPES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,9 @@ from rlekf.data.neighbors import NeighborOverflowError
 from rlekf.data.readers import DataError
 from rlekf.evaluation import format_metrics, predict, select_frames, write_outputs
 from rlekf.export import load_checkpoint_with_info
-from rlekf.utils.instantiate import instantiate_many
+from rlekf.utils.instantiate import CONFIG_DIR, instantiate_many, wandb_offline_by_default
 
 log = logging.getLogger(__name__)
-
-# configs/ at the repository root (editable install); RLEKF_CONFIG_DIR overrides
-CONFIG_DIR = os.environ.get(
-    "RLEKF_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs")
-)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -42,6 +36,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         ValueError: not an rlekf checkpoint, an element of the data missing from the
             checkpoint's type map, or more neighbours than the checkpoint's ``sel``.
     """
+    wandb_offline_by_default()
     device = cfg.get("device", "cpu")
     ckpt = Path(str(cfg.ckpt_path))
     trust = bool(cfg.get("trust_checkpoint", False))
@@ -124,8 +119,6 @@ def main() -> int:
     _app()
     return 0
 
-
-os.environ.setdefault("WANDB_MODE", "offline")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,27 +7,27 @@ Thin Hydra entry point; all logic lives in the library. W&B runs offline unless
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from rlekf.utils.instantiate import instantiate_many, instantiate_model, print_config
+from rlekf.utils.instantiate import (
+    CONFIG_DIR,
+    instantiate_many,
+    instantiate_model,
+    print_config,
+    wandb_offline_by_default,
+)
 
 log = logging.getLogger(__name__)
-
-# configs/ at the repository root (editable install); RLEKF_CONFIG_DIR overrides
-CONFIG_DIR = os.environ.get(
-    "RLEKF_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs")
-)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (and optionally test) as the config says; returns (metrics, objects)."""
+    wandb_offline_by_default()
     if cfg.get("extras", {}).get("ignore_warnings"):
         warnings.filterwarnings("ignore")
     if cfg.get("extras", {}).get("print_config"):
@@ -82,8 +82,6 @@ def main(cfg: DictConfig) -> float | None:
     value = metrics.get(cfg.get("optimized_metric", ""))
     return float(value) if value is not None else None
 
-
-os.environ.setdefault("WANDB_MODE", "offline")
 
 if __name__ == "__main__":
     main()

@@ -368,3 +368,18 @@ def test_adam_epochs_default_to_auto_on_cpu(tmp_path, monkeypatch):
     assert "trainer.max_epochs=3" in calib[1]
     # wall-clock 2, 4, 6 s at the 3 epoch ends: 2 s/epoch, no first-epoch overhead
     assert f"trainer.max_epochs={int(0.9 * 100 / 2)}" in real[1]
+
+
+def test_presets_are_read_from_configs_bench_and_name_real_data_presets(tmp_path) -> None:
+    from rlekf.bench import PRESETS, load_presets
+    from tests.helpers.hydra import CONFIG_DIR
+
+    assert {"quick", "cu", "full"} <= set(PRESETS)
+    data = {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
+    for preset in PRESETS.values():
+        assert preset["budget_s"] > 0 and preset["micro_blocks"]
+        assert set(preset["datasets"]) <= data
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("budget_s: 10\ndatasets: {}\n")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        load_presets(tmp_path)

@@ -547,3 +547,18 @@ def test_predictive_variance_is_g_p_g_of_the_numpy_filter(block_size, tile, batc
         runs.append((torch.cat([p.detach().reshape(-1) for p in params]), opt.covariance))
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_default_batching_on_the_cpu_groups_the_blocks_that_fit_one_tile() -> None:
+    """``batch_blocks=None`` on the CPU: equal-size blocks up to the tile share a group,
+    larger blocks are alone (their rank-1 sweep keeps the matrix-vector kernels)."""
+    from rlekf.optim.tiled import group_blocks
+
+    assert group_blocks([8, 8, 20, 20, 8, 3], None) == [[0, 1, 4], [2, 3], [5]]
+    assert group_blocks([8, 8, 20, 20, 8, 3], 8) == [[0, 1, 4], [2], [3], [5]]
+    assert group_blocks([8, 8, 20], 0) == [[0], [1], [2]]
+    for tile, expected in ((16, [1, 6]), (8, [1] * 7)):
+        opt = RLEKF(_Flat([16, 16, 16, 50]).parameters(), block_size=16, tile=tile)
+        assert opt.block_sizes == [16] * 6 + [2]
+        opt.step_k(torch.tensor([0.1]), torch.ones(1, 98, dtype=torch.float64))
+        assert sorted(g.count for g in opt._groups) == expected

@@ -20,19 +20,14 @@ from torch import Tensor, nn
 
 from rlekf import keys as K
 from rlekf.models.env import environment_matrix, pair_vectors
+from rlekf.utils.dtypes import float_dtype
 
 __all__ = ["Dense", "EmbeddingNet", "FittingNet", "DeepPotential", "resolve_dtype"]
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """Turn ``"float64"``/``"float32"`` (Hydra passes strings) into a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        out = dtype
-    else:
-        out = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if out not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    return out
+    return float_dtype(dtype, "model dtype")
 
 
 class Dense(nn.Module):

@@ -25,23 +25,13 @@ from rlekf.optim.tiled import (
     packed_block_size,
     unpack_lower_tiles,
 )
+from rlekf.utils.dtypes import FLOAT_DTYPES, float_dtype_name
 
 __all__ = ["RLEKF", "available_memory_bytes", "state_covariance"]
 
 log = logging.getLogger(__name__)
 
 _GIB = float(1 << 30)
-_P_DTYPES = {"float64": torch.float64, "float32": torch.float32}
-_P_DTYPE_ALIASES = {
-    "float64": "float64",
-    "double": "float64",
-    "torch.float64": "float64",
-    "fp64": "float64",
-    "float32": "float32",
-    "float": "float32",
-    "torch.float32": "float32",
-    "fp32": "float32",
-}
 # symmetrize_every=None: every 100 applied updates. Only the diagonal tiles are stored with
 # both triangles, so only they can drift from symmetry through rounding.
 _AUTO_SYMMETRIZE = 100
@@ -104,16 +94,7 @@ def state_covariance(state_dict: dict[str, Any]) -> list[Tensor]:
 
 def _resolve_p_dtype(p_dtype: torch.dtype | str) -> str:
     """Canonical name (``"float64"`` or ``"float32"``) of a covariance dtype."""
-    if isinstance(p_dtype, torch.dtype):
-        name = str(p_dtype).removeprefix("torch.")
-        if name in _P_DTYPES:
-            return name
-    elif isinstance(p_dtype, str) and p_dtype.strip().lower() in _P_DTYPE_ALIASES:
-        return _P_DTYPE_ALIASES[p_dtype.strip().lower()]
-    raise ValueError(
-        f"Invalid p_dtype: {p_dtype!r} (expected torch.float64 or torch.float32, "
-        "or the strings 'float64'/'float32')"
-    )
+    return float_dtype_name(p_dtype, "p_dtype")
 
 
 def _real(name: str, value: Any, expected: str, ok: Callable[[float], bool]) -> float:
@@ -241,7 +222,9 @@ class RLEKF(Optimizer):
         tile: Tile edge of the stored triangle (default ``None``: 256 on the CPU, 2048 on
             CUDA, where each tile costs kernel launches).
         batch_blocks: Update equal-size blocks with one batched call per tile (fewer kernel
-            launches: pays on GPUs). ``None`` (default): on CUDA only.
+            launches and less per-block work on the host). ``None`` (default): all of them
+            on CUDA; on the CPU the blocks that fit in one tile (larger ones are updated one
+            by one, with matrix-vector kernels for rank-1 updates).
         weight_order: ``"output_major"`` (default) or ``"storage"`` (the order of checkpoints
             written before this option; loaded checkpoints keep their own order).
 
@@ -324,7 +307,8 @@ class RLEKF(Optimizer):
         self._groups: list[TileGroup] | None = None
         self._members: list[list[int]] = []  # local block positions of each group
         self._pending: list[_TileVectors | None] = []  # per group: V (B, n, k) or None
-        self._last_dw: list[Tensor] = []
+        self._last_flat_dw: Tensor | None = None
+        self._index_cache: tuple[torch.device, list[tuple[Tensor, Tensor]]] | None = None
         anchor = self.state[group["params"][0]]
         anchor.update(
             {_LAM: lambda0, _N_UPDATES: 0, _N_SKIPPED: 0, _N_INDEF: 0, _LAST_A: math.nan}
@@ -360,7 +344,7 @@ class RLEKF(Optimizer):
             ``itemsize * sum_i lower_tile_numel(n_i, tile)`` (about half of
             ``itemsize * sum_i n_i**2``).
         """
-        itemsize = _P_DTYPES[_resolve_p_dtype(p_dtype)].itemsize
+        itemsize = FLOAT_DTYPES[_resolve_p_dtype(p_dtype)].itemsize
         blocks = partition_parameters(numels, block_size)
         return itemsize * sum(lower_tile_numel(b.numel, tile) for b in blocks)
 
@@ -412,7 +396,7 @@ class RLEKF(Optimizer):
     @property
     def p_dtype(self) -> torch.dtype:
         """dtype of the stored covariance blocks."""
-        return _P_DTYPES[self._group["p_dtype"]]
+        return FLOAT_DTYPES[self._group["p_dtype"]]
 
     @property
     def weight_order(self) -> str:
@@ -491,11 +475,14 @@ class RLEKF(Optimizer):
         """Indices of the blocks whose ``P_i`` this optimizer holds (all of them here)."""
         return range(len(self._blocks))
 
-    def _batch(self) -> bool:
+    def _batch_limit(self) -> int | None:
+        """Largest block size batched with its equal-size peers (``None``: any size)."""
         batch = self._group.get("batch_blocks")
         if batch is None:
-            return self._group["params"][0].device.type == "cuda"
-        return bool(batch)
+            if self._group["params"][0].device.type == "cuda":
+                return None
+            return int(self._group["tile"])
+        return None if batch else 0
 
     def _storage(self, loading: bool = False) -> list[TileGroup]:
         """The tile groups of this optimizer's blocks (allocated on first use; ``loading``:
@@ -508,7 +495,7 @@ class RLEKF(Optimizer):
             device = group["params"][0].device
             local = list(self._local_block_indices())
             sizes = [self._blocks[i].numel for i in local]
-            self._members = group_blocks(sizes, self._batch())
+            self._members = group_blocks(sizes, self._batch_limit())
             self._groups = [
                 TileGroup(sizes[m[0]], len(m), group["tile"], self.p_dtype, device, diag=1.0)
                 for m in self._members
@@ -642,22 +629,22 @@ class RLEKF(Optimizer):
         k, n_total = rows.shape
         groups = self._storage()
         n_blocks = len(self._blocks)
-        local = list(self._local_block_indices())
         anchor = self._anchor
         symmetrize = bool(anchor.get(_SYM_DUE, False))
         device = rows.device
+        scales = anchor[_P_SCALE]
+        index = self._group_index(device)
 
-        # (1) one pass per group: apply the pending V, U = S H
-        U: list[Tensor | None] = [None] * len(local)
-        H64: list[Tensor | None] = [None] * len(local)
-        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
-            offsets = [self._blocks[local[pos]].offset for pos in members]
-            Hg = torch.stack([rows[:, o : o + g.n].mT for o in offsets])  # (B, n, k)
-            Y = g.sweep_(Hg, self._pending[gi], symmetrize=symmetrize)
+        # (1) one pass per group: apply the pending V, U = S H (rows (B, k, n) per group)
+        H64: list[Tensor] = []
+        U64: list[Tensor] = []
+        for gi, g in enumerate(groups):
+            flat_idx, _ = index[gi]
+            Hk = rows.index_select(1, flat_idx).view(k, g.count, g.n).transpose(0, 1)
+            Y = g.sweep_rows_(Hk, self._pending[gi], symmetrize=symmetrize)
             self._pending[gi] = None
-            for j, pos in enumerate(members):
-                U[pos] = Y[j].to(torch.float64)
-                H64[pos] = Hg[j].to(torch.float64)
+            H64.append(Hk.to(torch.float64))
+            U64.append(Y.to(torch.float64, copy=True))
         if symmetrize:
             anchor[_SYM_DUE] = False
 
@@ -666,14 +653,19 @@ class RLEKF(Optimizer):
         kk = k * k
         width = kk + k
         stats = torch.zeros(n_blocks * width + k + 1, dtype=torch.float64, device=device)
-        scales = anchor[_P_SCALE]
+        per_block_dev = stats[: n_blocks * width].view(n_blocks, width)
         bad = torch.zeros((), dtype=torch.float64, device=device)
-        for pos, i in enumerate(local):
-            u, h = U[pos], H64[pos]
-            assert u is not None and h is not None
-            stats[i * width : i * width + kk] = (h.mT @ u).mul_(scales[pos]).reshape(-1)
-            stats[i * width + kk : (i + 1) * width] = (h * h).sum(0)
-            bad = bad + (~torch.isfinite(h).all()).to(torch.float64)
+        c_groups: list[Tensor] = []
+        for gi, members in enumerate(self._members):
+            _, block_idx = index[gi]
+            h, u = H64[gi], U64[gi]
+            c = torch.tensor([scales[pos] for pos in members], dtype=torch.float64)
+            c = c.to(device)
+            c_groups.append(c)
+            quads = torch.bmm(h, u.mT).mul_(c.view(-1, 1, 1))  # (B, k, k)
+            row = torch.cat([quads.reshape(len(members), kk), (h * h).sum(2)], dim=1)
+            per_block_dev.index_copy_(0, block_idx, row)
+            bad = bad + (~torch.isfinite(h).all(2).all(1)).sum().to(torch.float64)
         stats[n_blocks * width : n_blocks * width + k] = errors.to(device)
         stats[-1] = bad
         self._reduce_stats(stats)
@@ -693,20 +685,35 @@ class RLEKF(Optimizer):
         pending = res.pending.to(device)
         dw = torch.zeros(n_total, dtype=torch.float64, device=device)
         for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
+            flat_idx, _ = index[gi]
+            u, c = U64[gi], c_groups[gi]
+            # dw_i = c_i U_i w (U_i = S_i H_i, stored (k, n)); V_i = sqrt(c_i) U_i pending
+            dw.index_copy_(0, flat_idx, torch.matmul(weight, u).mul_(c.view(-1, 1)).reshape(-1))
             V = g.vectors(k)  # the previous pending buffer of this k was applied above
-            for j, pos in enumerate(members):
-                b = self._blocks[local[pos]]
-                u = U[pos]
-                assert u is not None
-                c = scales[pos]
-                dw[b.offset : b.offset + b.numel] = (u @ weight).mul_(c)
-                V.set_(j, (u @ pending).mul_(math.sqrt(c)))
-                scales[pos] = c / lam
+            V.buf.copy_(torch.matmul(pending.mT, u).mul_(c.sqrt().view(-1, 1, 1)))
+            for pos in members:
+                scales[pos] = scales[pos] / lam
             self._pending[gi] = V
         self._reduce_increment(dw)
-        self._last_dw = [dw[b.offset : b.offset + b.numel] for b in self._blocks]
+        self._last_flat_dw = dw
         self._add_flat(dw)
         return res
+
+    def _group_index(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """Per group: the flat positions of its blocks' entries (``(B * n,)``, block by
+        block) and the indices of its blocks among all ``L`` blocks (``(B,)``)."""
+        cached = self._index_cache
+        if cached is not None and cached[0] == device:
+            return cached[1]
+        local = list(self._local_block_indices())
+        out = []
+        for g, members in zip(self._storage(), self._members, strict=True):
+            offsets = [self._blocks[local[pos]].offset for pos in members]
+            flat = torch.cat([torch.arange(o, o + g.n) for o in offsets]).to(device)
+            blocks = torch.tensor([local[pos] for pos in members]).to(device)
+            out.append((flat, blocks))
+        self._index_cache = (device, out)
+        return out
 
     def _repair(self, res: KalmanFactors) -> None:
         """Shift the local blocks that lost definiteness: ``S_i <- S_i + delta_i I``."""
@@ -869,7 +876,10 @@ class RLEKF(Optimizer):
 
     def _last_increments(self) -> list[Tensor]:
         """Per-block increments of the last applied update (from the stored scatter)."""
-        return list(self._last_dw)
+        dw = self._last_flat_dw
+        if dw is None:
+            return []
+        return [dw[b.offset : b.offset + b.numel] for b in self._blocks]
 
     def _lam_product(self, k: int) -> float:
         """``lambda_t * ... * lambda_{t+k-1}``: the factors ``k`` paper updates would use."""
@@ -907,14 +917,13 @@ class RLEKF(Optimizer):
         rows = self._gradient_rows(grads, k)
         groups = self._storage()
         self.flush()
-        local = list(self._local_block_indices())
         scales = self._anchor[_P_SCALE]
+        index = self._group_index(rows.device)
         out = torch.zeros(k, dtype=torch.float64, device=rows.device)
-        for g, members in zip(groups, self._members, strict=True):
-            offsets = [self._blocks[local[pos]].offset for pos in members]
-            Hg = torch.stack([rows[:, o : o + g.n].mT for o in offsets])  # (B, n, k)
-            Y = g.sweep_(Hg, None)
-            quad = (Hg.to(torch.float64) * Y.to(torch.float64)).sum(1)  # (B, k)
+        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
+            Hk = rows.index_select(1, index[gi][0]).view(k, g.count, g.n).transpose(0, 1)
+            Y = g.sweep_rows_(Hk, None)
+            quad = (Hk.to(torch.float64) * Y.to(torch.float64)).sum(2)  # (B, k)
             c = torch.tensor([scales[pos] for pos in members], dtype=torch.float64)
             out += (quad * c.to(quad.device).unsqueeze(1)).sum(0)
         self._reduce_stats(out)
@@ -1072,6 +1081,7 @@ class RLEKF(Optimizer):
         self._anchor.setdefault(_N_INDEF, 0)
         self._perm = weight_permutation(group["params"], group["output_major_params"])
         self._groups = None
+        self._index_cache = None
         self._pending = []
         if blocks is None:
             return

@@ -214,9 +214,26 @@ class TileGroup:
             raise ValueError(
                 f"sweep_: H has shape {tuple(H.shape)}, expected ({self.count}, {self.n}, k)"
             )
+        return self.sweep_rows_(H.mT, V, symmetrize=symmetrize).mT.clone()
+
+    @torch.no_grad()
+    def sweep_rows_(
+        self, Hk: Tensor, V: _TileVectors | None = None, *, symmetrize: bool = False
+    ) -> Tensor:
+        """:meth:`sweep_` with ``H`` given and ``Y`` returned as ``(B, k, n)`` rows.
+
+        Returns:
+            ``Y`` in the storage dtype: the group's persistent ``"Y"`` buffer for this ``k``
+            (overwritten by the next sweep with the same ``k``; copy it to keep it).
+        """
+        B, k, n = Hk.shape
+        if B != self.count or n != self.n:
+            raise ValueError(
+                f"sweep_rows_: H has shape {tuple(Hk.shape)}, expected ({self.count}, k, {self.n})"
+            )
         hv = self.vectors(k, "H")
         yv = self.vectors(k, "Y")
-        hv.buf.copy_(H.mT)
+        hv.buf.copy_(Hk)
         yv.buf.zero_()
         tv = self._tile_views
         # the multiply kernels depend on H alone (not on whether a correction is pending), so
@@ -230,7 +247,7 @@ class TileGroup:
                 yv.rows1[i].addmv_(t, hv.cols1[i])
                 if not diag:
                     yv.cols1[i].addmv_(tT, hv.rows1[i])
-            return yv.buf.mT.clone()
+            return yv.buf
         for i, (diag, t, tT) in enumerate(tv.batched):
             if V is not None:
                 _correct_(tv, V, i)
@@ -240,7 +257,7 @@ class TileGroup:
             yv.rows[i].baddbmm_(hv.cols[i], tT)
             if not diag:
                 yv.cols[i].baddbmm_(hv.rows[i], t)
-        return yv.buf.mT.clone()
+        return yv.buf
 
     @torch.no_grad()
     def apply_(self, V: _TileVectors) -> None:
@@ -334,12 +351,18 @@ def _correct_(tv: _TileViews, V: _TileVectors, i: int) -> None:
         tv.batched[i][1].baddbmm_(V.rows_t[i], V.cols[i], alpha=-1.0)
 
 
-def group_blocks(sizes: Sequence[int], batch: bool) -> list[list[int]]:
-    """Indices (into ``sizes``) of the blocks of each group: equal sizes together when
-    ``batch``, else one block per group; groups in order of their first block."""
-    if not batch:
-        return [[i] for i in range(len(sizes))]
+def group_blocks(sizes: Sequence[int], limit: int | None) -> list[list[int]]:
+    """Indices (into ``sizes``) of the blocks of each group: blocks of equal size up to
+    ``limit`` together (``None``: any size; ``0``: none), every other block alone; groups in
+    order of their first block."""
     groups: dict[int, list[int]] = {}
+    out: list[list[int]] = []
     for i, n in enumerate(sizes):
-        groups.setdefault(n, []).append(i)
-    return list(groups.values())
+        if limit is not None and n > limit:
+            out.append([i])
+        elif n in groups:
+            groups[n].append(i)
+        else:
+            groups[n] = [i]
+            out.append(groups[n])
+    return out

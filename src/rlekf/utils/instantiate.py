@@ -1,14 +1,27 @@
-"""Instantiate lists of callbacks and loggers, and the model, from Hydra configs."""
+"""The Hydra entry points' shared glue: where the configs are, the W&B default, and
+instantiating lists of callbacks and loggers, and the model, from Hydra configs."""
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+#: ``configs/`` at the repository root (editable install); ``RLEKF_CONFIG_DIR`` overrides it.
+CONFIG_DIR = os.environ.get(
+    "RLEKF_CONFIG_DIR", str(Path(__file__).resolve().parents[3] / "configs")
+)
+
+
+def wandb_offline_by_default() -> None:
+    """W&B runs offline unless ``WANDB_MODE`` says otherwise (called by the entry points)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def instantiate_many(cfg: DictConfig | None, what: str) -> list[Any]:
