@@ -64,7 +64,7 @@ bench-dist: $(STAMP) ## sharded RLEKF: memory per rank and time per update vs ra
 	$(BIN)/rlekf-bench-dist --ranks $(RANKS) $(ARGS)
 
 test: $(STAMP) ## run the test suite (without slow tests)
-	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -q --durations=30 $(ARGS)
 
 test-full: $(STAMP) ## run every test, slow ones included
 	$(BIN)/python -m pytest -q $(ARGS)
