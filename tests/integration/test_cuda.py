@@ -142,8 +142,8 @@ def test_kalman_updater_on_cuda_equals_cpu(small_cu, mode):
     up_gpu = KalmanUpdater(n_select=8, group_size=2, seed=4, mode=mode)
     batch_gpu = _to(batch, CUDA)
     for _ in range(3):
-        out_cpu = up_cpu.update(model, batch, o_cpu)
-        out_gpu = up_gpu.update(gpu_model, batch_gpu, o_gpu)
+        out_cpu = up_cpu.update(model, batch, o_cpu).predictions
+        out_gpu = up_gpu.update(gpu_model, batch_gpu, o_gpu).predictions
         assert out_gpu[K.FORCES].device.type == "cuda"
         assert _rel(out_gpu[K.ENERGY], out_cpu[K.ENERGY]) < TOL
     assert o_cpu.n_updates == 15

@@ -325,7 +325,7 @@ def test_fused_update_makes_k_updates_with_one_rank_k_step(setup):
     orig = opt.step_k
     opt.step_k = lambda e, g: calls.append(len(e)) or orig(e, g)  # type: ignore[method-assign]
     up = KalmanUpdater(n_select=8, group_size=2, seed=3, mode="fused")
-    out = up.update(model, batch, opt)
+    out = up.update(model, batch, opt).predictions
     assert calls == [5] and opt.n_updates == 5 and opt.n_skipped == 0
     assert opt.lam == pytest.approx(1 - 0.02 * 0.9987**5)
     assert K.FORCES in out and not out[K.FORCES].requires_grad

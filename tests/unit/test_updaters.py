@@ -230,7 +230,7 @@ def test_gradient_update_skips_non_finite_loss(setup):
     bad[K.ENERGY][0] = float("nan")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     out = GradientUpdater(stop_steps=10).update(model, bad, opt)
-    assert bool(out["skipped"])
+    assert out.skipped == 1 and out.logs["train/lr"] == pytest.approx(1e-3)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
 

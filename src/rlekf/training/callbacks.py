@@ -1,23 +1,28 @@
 """Callbacks: a one-line summary per epoch (wall-clock, metrics, Kalman state), training-time
-accounting, the resume checkpoint, and a per-step profile timer."""
+accounting, the resume checkpoint, the Kalman monitor (``kf/*``), the resume state (epoch
+position and RNG states in checkpoints) and a per-step profile timer."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from rlekf import keys as K
+from rlekf.optim.distributed import ShardedRLEKF
+from rlekf.optim.rlekf import RLEKF
 
-__all__ = ["EpochSummary", "LastCheckpoint", "StepTimer"]
+__all__ = ["EpochSummary", "KalmanMonitor", "LastCheckpoint", "ResumeState", "StepTimer"]
 
 log = logging.getLogger(__name__)
 
@@ -377,3 +382,158 @@ class StepTimer(L.Callback):
             "rest_of_step_s": self.step_s - self.optimizer_s - self.forward_s,
             "between_s": self.between_s,
         }
+
+
+def _kalman_optimizer(trainer) -> RLEKF | None:
+    opt = trainer.optimizers[0] if trainer.optimizers else None
+    return opt if isinstance(opt, RLEKF) else None
+
+
+class KalmanMonitor(L.Callback):
+    """Log the Kalman filter's state after every training batch (a no-op for other optimizers).
+
+    Logged per step (``kf/``): ``lambda`` (forgetting factor), ``updates``, ``skipped``
+    (non-finite errors/innovations, left out) and ``indefinite`` (innovations that were not
+    positive definite) counted since the start of training, and every ``log_p_every`` batches
+    ``P{i}_trace`` / ``P{i}_min_diag`` of each block ``i`` of ``P`` (a collective for
+    :class:`~rlekf.optim.ShardedRLEKF`: every rank must log). At the start of a fit it prints the
+    blocks and the memory of ``P``. :class:`~rlekf.training.ForceFieldModule` adds it itself.
+
+    Args:
+        log_p_every: batches between the per-block ``P`` statistics (0: never).
+    """
+
+    def __init__(self, log_p_every: int = 50) -> None:
+        self.log_p_every = int(log_p_every)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        opt = _kalman_optimizer(trainer)
+        if opt is None:
+            return
+        gib = opt.p_bytes / 2**30
+        msg = (
+            f"RLEKF: {sum(opt.block_sizes)} parameters in {len(opt.block_sizes)} blocks "
+            f"{opt.block_sizes}; P holds {opt.p_numel:,} entries = {gib:.3f} GiB "
+            f"({opt.p_dtype})"
+        )
+        sharded = isinstance(opt, ShardedRLEKF) and opt.world_size > 1
+        if sharded:
+            msg += (
+                f", sharded over {opt.world_size} ranks: rank {opt.rank} holds blocks "
+                f"{list(opt.owned_blocks)} = {opt.p_bytes_local / 2**30:.3f} GiB"
+            )
+        log.info(msg)
+        if sharded:
+            print(msg, flush=True)  # every rank: each holds its own shard
+        else:
+            pl_module.print(msg)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        opt = _kalman_optimizer(trainer)
+        if opt is None:
+            return
+        bs = int(batch[K.N_ATOMS].shape[0])
+
+        def put(name: str, value: float) -> None:
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=bs)
+
+        put("kf/lambda", opt.lam)
+        put("kf/updates", float(opt.n_updates))
+        put("kf/skipped", float(opt.n_skipped))
+        put("kf/indefinite", float(opt.n_indefinite))
+        if self.log_p_every and batch_idx % self.log_p_every == 0:
+            stats = opt.kalman_stats()  # collective for ShardedRLEKF: all blocks
+            for i, (tr, md) in enumerate(zip(stats["trace"], stats["min_diag"], strict=True)):
+                put(f"kf/P{i}_trace", float(tr))
+                put(f"kf/P{i}_min_diag", float(md))
+
+
+class ResumeState(L.Callback):
+    """Where a run stands in its epoch and the global RNG states, in every checkpoint.
+
+    Writes (top-level checkpoint keys, as every earlier version did):
+
+    * ``epoch_position``: ``(epoch, batches trained in it)`` when saved in the middle of an
+      epoch, with ``epoch_position_world_size`` (the number of ranks then);
+    * ``rng_states``: the torch, NumPy (legacy global) and Python RNG states.
+
+    On resume it hands the position to the data module (``resume_position``: its sampler skips
+    the batches trained already, rescaled to the new number of ranks; a checkpoint saved at an
+    epoch end continues with the next epoch) and restores the RNG states, so a resumed run
+    repeats the uninterrupted one exactly. :class:`~rlekf.training.ForceFieldModule` adds it
+    itself.
+    """
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if trainer.training:
+            # batches trained in this epoch (`processed`: `completed` lags at batch end)
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if 0 < done < trainer.num_training_batches:  # saved in the middle of an epoch
+                checkpoint["epoch_position"] = (trainer.current_epoch, int(done))
+                # batches are dealt round-robin to the ranks: done * world_size consumed
+                checkpoint["epoch_position_world_size"] = int(trainer.world_size)
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_state_to_torch(np.random.get_state()),  # noqa: NPY002 (global state)
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # where the run continues: (epoch, batches already trained in it)
+        position = checkpoint.get("epoch_position")
+        if position is None and "epoch" in checkpoint:
+            position = (int(checkpoint["epoch"]) + 1, 0)  # saved at an epoch end
+        if position is not None:
+            position = _rescale_position(
+                position, int(checkpoint.get("epoch_position_world_size", 1)), trainer
+            )
+        dm = getattr(trainer, "datamodule", None)
+        if position is not None and dm is not None and hasattr(dm, "resume_position"):
+            dm.resume_position = tuple(position)  # the sampler continues from there
+        rng = checkpoint.get("rng_states")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(_numpy_state_from_torch(rng["numpy"]))  # noqa: NPY002
+            random.setstate(rng["python"])
+
+
+def _rescale_position(position: tuple[int, int], saved_world: int, trainer) -> tuple[int, int]:
+    """Batches already trained per rank, for a run resumed on a different number of ranks.
+
+    The grouped sampler deals the epoch's batch order round-robin, so ``done`` batches per rank
+    on ``saved_world`` ranks are the first ``done * saved_world`` batches of that order; on
+    ``world`` ranks each skips ``done * saved_world / world`` of its own. When that does not
+    divide, the few batches of the remainder are trained again (with a warning).
+    """
+    epoch, done = position
+    world = int(trainer.world_size)
+    if done == 0 or world == saved_world:
+        return epoch, done
+    consumed = done * saved_world
+    if consumed % world:
+        log.warning(
+            "resuming a mid-epoch checkpoint of %d rank(s) on %d: %d batch(es) of epoch %d "
+            "are trained twice",
+            saved_world,
+            world,
+            consumed % world,
+            epoch,
+        )
+    return epoch, consumed // world
+
+
+def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
+    """NumPy's legacy RNG state with the key array as a tensor (``weights_only`` loadable)."""
+    name, keys, pos, has_gauss, cached = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached"])

@@ -1,10 +1,14 @@
 """``ForceFieldModule``: a LightningModule with manual optimisation for RLEKF and Adam.
 
 The module ties together a :class:`~rlekf.models.DeepPotential`, an optimizer factory
-(``functools.partial`` of a ``torch.optim.Optimizer``) and an updater
+(``functools.partial`` of a ``torch.optim.Optimizer``; ``optim=rlekf`` names
+:func:`~rlekf.training.optimizers.kalman_filter`, which gives ``ShardedRLEKF`` under data
+parallelism) and an :class:`~rlekf.training.updaters.Updater`
 (:class:`~rlekf.training.updaters.KalmanUpdater` or
 :class:`~rlekf.training.updaters.GradientUpdater`). Logged keys are ``{stage}/{quantity}_{stat}``
-with energies in eV/atom, forces in eV/Å; Kalman state under ``kf/``.
+with energies in eV/atom, forces in eV/Å; the Kalman state under ``kf/``
+(:class:`~rlekf.training.callbacks.KalmanMonitor`); the epoch position and RNG states of exact
+resume are :class:`~rlekf.training.callbacks.ResumeState`'s. The module adds both callbacks.
 
 Note: every ``optimizer.step`` advances ``trainer.global_step``; a Kalman batch makes
 1 + n_select/group_size steps (5 by default). Budget training in epochs; ``kf/updates`` counts
@@ -13,23 +17,21 @@ Kalman updates.
 
 from __future__ import annotations
 
-import functools
 import logging
-import random
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 
-from rlekf.data import keys as K
+from rlekf import keys as K
 from rlekf.models.deep_potential import DeepPotential
 from rlekf.optim.distributed import ShardedRLEKF
 from rlekf.optim.rlekf import RLEKF
+from rlekf.training.callbacks import KalmanMonitor, ResumeState
 from rlekf.training.metrics import ForceFieldMetrics
-from rlekf.training.updaters import GradientUpdater, KalmanUpdater
+from rlekf.training.updaters import Updater
 
 __all__ = ["ForceFieldModule"]
 
@@ -42,10 +44,11 @@ class ForceFieldModule(L.LightningModule):
     Args:
         model: the potential.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (Hydra ``_partial_``).
-        updater: a Kalman or gradient updater.
+        updater: a Kalman or gradient updater (:class:`~rlekf.training.updaters.Updater`).
         train_virial: train on virials; ``None`` = when the training data has them and the
             updater weights them (Adam with ``start/limit_pref_v > 0``).
-        log_p_every: log per-block trace/min-diag of P every this many batches (RLEKF).
+        log_p_every: log per-block trace/min-diag of P every this many batches (RLEKF; passed
+            to :class:`~rlekf.training.callbacks.KalmanMonitor`).
         max_consecutive_skips: stop with an error after this many consecutive skipped
             (non-finite) updates.
     """
@@ -54,7 +57,7 @@ class ForceFieldModule(L.LightningModule):
         self,
         model: DeepPotential,
         optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
-        updater: KalmanUpdater | GradientUpdater,
+        updater: Updater,
         *,
         train_virial: bool | None = None,
         log_p_every: int = 50,
@@ -70,7 +73,6 @@ class ForceFieldModule(L.LightningModule):
         self.log_p_every = int(log_p_every)
         self.max_consecutive_skips = int(max_consecutive_skips)
         self._consecutive_skips = 0
-        self._last_skipped = 0
         # ModuleDict keys cannot be "train" (nn.Module.train): prefix the stage
         self.metrics = torch.nn.ModuleDict(
             {f"stage_{s}": ForceFieldMetrics(virial=True) for s in ("train", "val", "test")}
@@ -95,9 +97,9 @@ class ForceFieldModule(L.LightningModule):
             )
         if self.train_virial_arg is None:
             has = dm.datasets["train"].has_virial if dm.datasets else False
-            self.train_virial = bool(has and getattr(self.updater, "trains_virial", False))
-            if isinstance(self.updater, KalmanUpdater) and self.updater.trains_virial:
-                # the Kalman updater masks frames without a label itself; validate on virials
+            self.train_virial = bool(has and self.updater.trains_virial)
+            if self.updater.masks_virial_labels and self.updater.trains_virial:
+                # the updater masks frames without a label itself (Kalman): validate on virials
                 self.train_virial = True
                 if not has:
                     log.warning(
@@ -107,55 +109,35 @@ class ForceFieldModule(L.LightningModule):
                     )
 
     def configure_optimizers(self):
-        """The optimizer; under data parallelism (world size > 1) RLEKF becomes ShardedRLEKF.
+        """The optimizer, ``optimizer(model.parameters())``.
 
-        A plain :class:`~rlekf.optim.RLEKF` on several ranks would update each rank's copy of
-        the weights with its own data and let the replicas drift apart, so an RLEKF factory
-        (``functools.partial(RLEKF, ...)``, what ``optim=rlekf`` gives) is re-targeted to
-        :class:`~rlekf.optim.ShardedRLEKF` with the same keywords: ``P`` is sharded across the
-        ranks and each Kalman update averages the measurement gradient and error over them.
+        Under data parallelism the optimizer must keep the replicas equal: ``optim=rlekf``
+        gives :class:`~rlekf.optim.ShardedRLEKF` there
+        (:func:`~rlekf.training.optimizers.kalman_filter`); a plain
+        :class:`~rlekf.optim.RLEKF` on several ranks is refused.
         """
-        factory = self.optimizer_factory
+        opt = self.optimizer_factory(self.model.parameters())
         world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1 and isinstance(factory, functools.partial) and factory.func is RLEKF:
-            factory = functools.partial(ShardedRLEKF, *factory.args, **factory.keywords)
-        opt = factory(self.model.parameters())
         if world > 1 and isinstance(opt, RLEKF) and not isinstance(opt, ShardedRLEKF):
             raise TypeError(
                 f"{type(opt).__name__} keeps the whole covariance on every rank and would let "
                 f"the {world} model replicas diverge; use rlekf.optim.ShardedRLEKF for "
-                "multi-process training"
+                "multi-process training (optim=rlekf chooses it: "
+                "rlekf.training.optimizers.kalman_filter)"
             )
         return opt
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The Kalman monitor (``kf/*``) and the resume state (epoch position, RNG states)."""
+        return [KalmanMonitor(self.log_p_every), ResumeState()]
+
     def on_fit_start(self) -> None:
-        opt = self._raw_optimizer()
-        if isinstance(opt, RLEKF):
-            gib = opt.p_bytes / 2**30
-            msg = (
-                f"RLEKF: {sum(opt.block_sizes)} parameters in {len(opt.block_sizes)} blocks "
-                f"{opt.block_sizes}; P holds {opt.p_numel:,} entries = {gib:.3f} GiB "
-                f"({opt.p_dtype})"
-            )
-            if isinstance(opt, ShardedRLEKF) and opt.world_size > 1:
-                msg += (
-                    f", sharded over {opt.world_size} ranks: rank {opt.rank} holds blocks "
-                    f"{list(opt.owned_blocks)} = {opt.p_bytes_local / 2**30:.3f} GiB"
-                )
-            log.info(msg)
-            if isinstance(opt, ShardedRLEKF) and opt.world_size > 1:
-                print(msg, flush=True)  # every rank: each holds its own shard
-            else:
-                self.print(msg)
-        if isinstance(self.updater, GradientUpdater):
-            self.updater.configure(int(self.trainer.estimated_stepping_batches))
+        self.updater.on_fit_start(lambda: int(self.trainer.estimated_stepping_batches))
 
     @property
     def trained_on_virials(self) -> bool:
         """Whether the weights have been fitted to virial labels (saved in checkpoints)."""
-        if isinstance(self.updater, KalmanUpdater):
-            return self.updater.n_virial_updates > 0
-        return bool(self.train_virial and getattr(self.updater, "trains_virial", False))
+        return bool(self.updater.trained_on_virials(self.train_virial))
 
     def _raw_optimizer(self) -> torch.optim.Optimizer | None:
         if self._trainer is None or not self.trainer.optimizers:
@@ -167,46 +149,21 @@ class ForceFieldModule(L.LightningModule):
         return self.model(batch, **kwargs)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        opt = self.optimizers()
-        raw = self._raw_optimizer()
         bs = int(batch[K.N_ATOMS].shape[0])
-        if isinstance(self.updater, KalmanUpdater):
-            preds = self.updater.update(self.model, batch, opt)
-            skipped_now = raw.n_skipped - self._last_skipped
-            self._last_skipped = raw.n_skipped
-            self._check_skips(skipped_now > 0, f"{skipped_now} Kalman update(s)")
-            self.log("kf/lambda", raw.lam, on_step=True, on_epoch=False, batch_size=bs)
-            self.log(
-                "kf/updates", float(raw.n_updates), on_step=True, on_epoch=False, batch_size=bs
-            )
-            self.log(
-                "kf/skipped", float(raw.n_skipped), on_step=True, on_epoch=False, batch_size=bs
-            )
-            self.log(
-                "kf/indefinite",
-                float(raw.n_indefinite),
-                on_step=True,
-                on_epoch=False,
-                batch_size=bs,
-            )
-            if self.log_p_every and batch_idx % self.log_p_every == 0:
-                stats = raw.kalman_stats()  # collective for ShardedRLEKF: all blocks
-                for i, (tr, md) in enumerate(zip(stats["trace"], stats["min_diag"], strict=True)):
-                    self.log(
-                        f"kf/P{i}_trace", float(tr), on_step=True, on_epoch=False, batch_size=bs
-                    )
-                    self.log(
-                        f"kf/P{i}_min_diag", float(md), on_step=True, on_epoch=False, batch_size=bs
-                    )
-        else:
-            preds = self.updater.update(
-                self.model, batch, opt, virial=self.train_virial, backward=self.manual_backward
-            )
-            self._check_skips(bool(preds["skipped"]), "gradient step(s)")
-            self.log("train/loss", preds["loss"], on_step=True, on_epoch=True, batch_size=bs)
-            self.log("train/lr", self.updater.last_lr, on_step=True, on_epoch=False, batch_size=bs)
-        if K.FORCES in preds:
-            self.metrics["stage_train"].update(preds, batch)
+        result = self.updater.update(
+            self.model,
+            batch,
+            self.optimizers(),
+            virial=self.train_virial,
+            backward=self.manual_backward,
+        )
+        self._check_skips(result.skipped > 0, f"{result.skipped} {self.updater.skip_noun}")
+        for name, value in result.epoch_logs.items():
+            self.log(name, value, on_step=True, on_epoch=True, batch_size=bs)
+        for name, value in result.logs.items():
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=bs)
+        if K.FORCES in result.predictions:
+            self.metrics["stage_train"].update(result.predictions, batch)
 
     def _check_skips(self, skipped: bool, what: str) -> None:
         self._consecutive_skips = self._consecutive_skips + 1 if skipped else 0
@@ -268,18 +225,7 @@ class ForceFieldModule(L.LightningModule):
         checkpoint["model_config"] = dict(self.model.config)
         checkpoint["updater_state"] = self.updater.state_dict()
         checkpoint["trained_on_virials"] = self.trained_on_virials
-        if self._trainer is not None and self.trainer.training:
-            # batches trained in this epoch (`processed`: `completed` lags at batch end)
-            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if 0 < done < self.trainer.num_training_batches:  # saved in the middle of an epoch
-                checkpoint["epoch_position"] = (self.trainer.current_epoch, int(done))
-                # batches are dealt round-robin to the ranks: done * world_size consumed
-                checkpoint["epoch_position_world_size"] = int(self.trainer.world_size)
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_state_to_torch(np.random.get_state()),  # noqa: NPY002 (global state)
-            "python": random.getstate(),
-        }
+        # the epoch position and RNG states: ResumeState
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = checkpoint.get("model_config")
@@ -290,61 +236,4 @@ class ForceFieldModule(L.LightningModule):
             )
         if "updater_state" in checkpoint:
             self.updater.load_state_dict(checkpoint["updater_state"])
-        # where the run continues: (epoch, batches already trained in it)
-        position = checkpoint.get("epoch_position")
-        if position is None and "epoch" in checkpoint:
-            position = (int(checkpoint["epoch"]) + 1, 0)  # saved at an epoch end
-        if position is not None and self._trainer is not None:
-            position = _rescale_position(
-                position, int(checkpoint.get("epoch_position_world_size", 1)), self.trainer
-            )
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if position is not None and dm is not None and hasattr(dm, "resume_position"):
-            dm.resume_position = tuple(position)  # the sampler continues from there
-        rng = checkpoint.get("rng_states")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(_numpy_state_from_torch(rng["numpy"]))  # noqa: NPY002
-            random.setstate(rng["python"])
-
-
-def _rescale_position(position: tuple[int, int], saved_world: int, trainer) -> tuple[int, int]:
-    """Batches already trained per rank, for a run resumed on a different number of ranks.
-
-    The grouped sampler deals the epoch's batch order round-robin, so ``done`` batches per rank
-    on ``saved_world`` ranks are the first ``done * saved_world`` batches of that order; on
-    ``world`` ranks each skips ``done * saved_world / world`` of its own. When that does not
-    divide, the few batches of the remainder are trained again (with a warning).
-    """
-    epoch, done = position
-    world = int(trainer.world_size)
-    if done == 0 or world == saved_world:
-        return epoch, done
-    consumed = done * saved_world
-    if consumed % world:
-        log.warning(
-            "resuming a mid-epoch checkpoint of %d rank(s) on %d: %d batch(es) of epoch %d "
-            "are trained twice",
-            saved_world,
-            world,
-            consumed % world,
-            epoch,
-        )
-    return epoch, consumed // world
-
-
-def _numpy_state_to_torch(state: tuple) -> dict[str, Any]:
-    """NumPy's legacy RNG state with the key array as a tensor (``weights_only`` loadable)."""
-    name, keys, pos, has_gauss, cached = state
-    return {
-        "name": name,
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached": float(cached),
-    }
-
-
-def _numpy_state_from_torch(state: dict[str, Any]) -> tuple:
-    keys = state["keys"].numpy().astype(np.uint32)
-    return (state["name"], keys, state["pos"], state["has_gauss"], state["cached"])
+        # the epoch position and RNG states: ResumeState

@@ -1,15 +1,17 @@
 """How one batch changes the weights: the Kalman updater (RLEKF) and the gradient updater (Adam).
 
-Both are plain objects with ``update(model, batch, optimizer) -> predictions``; the
-LightningModule owns neither the math nor the schedules. ``optimizer`` may be a
-``torch.optim.Optimizer`` or Lightning's wrapper of one (its ``step`` counts global steps).
+Both follow :class:`Updater`: ``update(model, batch, optimizer) -> UpdateResult`` (the
+predictions, how many updates were skipped, what to log); the LightningModule owns neither the
+math nor the schedules. ``optimizer`` may be a ``torch.optim.Optimizer`` or Lightning's wrapper
+of one (its ``step`` counts global steps).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -20,6 +22,8 @@ __all__ = [
     "VIRIAL_COMPONENTS",
     "GradientUpdater",
     "KalmanUpdater",
+    "UpdateResult",
+    "Updater",
     "deepmd_lr",
     "equal_atom_count",
 ]
@@ -27,6 +31,71 @@ __all__ = [
 #: (row, column) of the 6 independent components of the symmetric 3x3 virial that the Kalman
 #: virial measurement uses, in Voigt order xx, yy, zz, yz, xz, xy.
 VIRIAL_COMPONENTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one batch's update did.
+
+    Attributes:
+        predictions: the model's last predictions of the batch (detached; energies ``(B,)`` in
+            eV, forces ``(n_atoms_total, 3)`` in eV/Å, virials ``(B, 3, 3)`` in eV when made).
+        skipped: updates of this batch skipped for a non-finite error, gradient or innovation
+            (0: none).
+        logs: values to log every step, ``{name: scalar}``.
+        epoch_logs: values to log every step and averaged over the epoch, ``{name: scalar}``.
+    """
+
+    predictions: dict[str, Tensor]
+    skipped: int = 0
+    logs: dict[str, Tensor | float] = field(default_factory=dict)
+    epoch_logs: dict[str, Tensor | float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Updater(Protocol):
+    """How one batch changes the weights (what :class:`~rlekf.training.ForceFieldModule` calls).
+
+    Attributes:
+        trains_virial: whether the updater fits virial labels at all.
+        masks_virial_labels: ``True`` when the updater leaves out frames without a virial
+            label itself (then the module validates on virials whenever ``trains_virial``).
+        skip_noun: what a skipped update is called in warnings, e.g. ``"Kalman update(s)"``.
+    """
+
+    masks_virial_labels: bool
+    skip_noun: str
+
+    @property
+    def trains_virial(self) -> bool: ...
+
+    def on_fit_start(self, total_steps: Callable[[], int]) -> None:
+        """Called at the start of a fit; ``total_steps()`` gives the run's number of optimizer
+        steps (called only by updaters that schedule over the run)."""
+
+    def trained_on_virials(self, train_virial: bool) -> bool:
+        """Whether the weights have been fitted to virial labels (``train_virial``: the
+        module's switch)."""
+
+    def update(
+        self,
+        model,
+        batch: Mapping[str, Tensor],
+        optimizer,
+        *,
+        virial: bool = False,
+        backward: Callable[[Tensor], None] | None = None,
+    ) -> UpdateResult:
+        """Update the weights from one batch."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def _n_skipped(optimizer) -> int:
+    """Skipped updates counted by a Kalman optimizer (unwrapping Lightning's wrapper)."""
+    return int(getattr(getattr(optimizer, "optimizer", optimizer), "n_skipped", 0))
 
 
 def equal_atom_count(batch: Mapping[str, Tensor]) -> int:
@@ -101,6 +170,8 @@ class KalmanUpdater:
     MODES = ("paper", "fused")
 
     name = "kalman"
+    masks_virial_labels = True
+    skip_noun = "Kalman update(s)"
 
     def __init__(
         self,
@@ -143,6 +214,13 @@ class KalmanUpdater:
     def trains_virial(self) -> bool:
         """Whether this updater makes virial measurements (on batches that have labels)."""
         return self.train_virial
+
+    def on_fit_start(self, total_steps: Callable[[], int]) -> None:
+        """Nothing to schedule (``lambda`` lives in the optimizer)."""
+
+    def trained_on_virials(self, train_virial: bool) -> bool:
+        """Whether a virial measurement has been made."""
+        return self.n_virial_updates > 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "n_virial_updates": self.n_virial_updates}
@@ -262,15 +340,35 @@ class KalmanUpdater:
             )
         return eps, grads, out
 
-    def update(self, model, batch: Mapping[str, Tensor], optimizer) -> dict[str, Tensor]:
-        """Apply [1 virial +] 1 energy + n_select/group_size force updates; return the last
-        predictions.
+    def update(
+        self,
+        model,
+        batch: Mapping[str, Tensor],
+        optimizer,
+        *,
+        virial: bool = False,
+        backward: Callable[[Tensor], None] | None = None,
+    ) -> UpdateResult:
+        """Apply [1 virial +] 1 energy + n_select/group_size force updates.
 
         In ``"fused"`` mode these are one rank-k update from one forward pass (class doc).
+        ``virial`` and ``backward`` are not used: the virial measurement follows
+        ``train_virial``, and each measurement's gradient is that of one replica (under data
+        parallelism :class:`~rlekf.optim.ShardedRLEKF` averages them).
+
+        Returns:
+            the last predictions and the number of skipped (non-finite) updates; nothing to
+            log (the Kalman state is logged by :class:`~rlekf.training.callbacks.KalmanMonitor`).
         """
         n = equal_atom_count(batch)
+        before = _n_skipped(optimizer)
         if self.mode == "fused":
-            return self._update_fused(model, batch, optimizer, n)
+            out = self._update_fused(model, batch, optimizer, n)
+        else:
+            out = self._update_paper(model, batch, optimizer, n)
+        return UpdateResult(out, skipped=_n_skipped(optimizer) - before)
+
+    def _update_paper(self, model, batch, optimizer, n: int) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if self._virial_frames(batch) is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -339,6 +437,8 @@ class GradientUpdater:
     """
 
     name = "gradient"
+    masks_virial_labels = False
+    skip_noun = "gradient step(s)"
 
     def __init__(
         self,
@@ -370,6 +470,14 @@ class GradientUpdater:
     @property
     def trains_virial(self) -> bool:
         return max(self.pref["v"]) > 0
+
+    def trained_on_virials(self, train_virial: bool) -> bool:
+        """Whether the loss has a virial term (``train_virial`` on and a positive prefactor)."""
+        return bool(train_virial and self.trains_virial)
+
+    def on_fit_start(self, total_steps: Callable[[], int]) -> None:
+        """Fix the schedule length to the run's (unless given)."""
+        self.configure(int(total_steps()))
 
     def configure(self, total_steps: int) -> None:
         """Fix the schedule length when the run's number of batches is known."""
@@ -416,14 +524,20 @@ class GradientUpdater:
         model,
         batch: Mapping[str, Tensor],
         optimizer,
+        *,
         virial: bool = False,
         backward: Callable[[Tensor], None] | None = None,
-    ):
+    ) -> UpdateResult:
         """One gradient step on the weighted loss; non-finite losses skip the step.
 
         Args:
+            virial: add the virial term to the loss.
             backward: how to backpropagate the loss; the LightningModule passes its
                 ``manual_backward`` (under DDP that is what all-reduces the gradients).
+
+        Returns:
+            the predictions, ``skipped`` 1 for a skipped step, the learning rate to log
+            (``train/lr``) and the loss to log and average over the epoch (``train/loss``).
         """
         lr = self.lr(self.step_count)
         self.last_lr = lr
@@ -446,6 +560,9 @@ class GradientUpdater:
         optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         preds = {k: v.detach() for k, v in out.items()}
-        preds["loss"] = loss.detach()
-        preds["skipped"] = torch.tensor(skipped)
-        return preds
+        return UpdateResult(
+            preds,
+            skipped=int(skipped),
+            logs={"train/lr": lr},
+            epoch_logs={"train/loss": loss.detach()},
+        )
