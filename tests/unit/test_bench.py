@@ -286,6 +286,7 @@ def test_report_with_rank_k_gpu_columns_tag_and_notes(tmp_path):
     ]
 
 
+@pytest.mark.slow  # 20 s: the rlekf-bench training path end to end (make test-full)
 def test_tiny_end_to_end_training_run(tmp_path):
     overrides = [
         "model=small",

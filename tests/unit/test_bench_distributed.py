@@ -40,6 +40,7 @@ def test_largest_model_grows_with_gpus():
     assert 7 * one < eight <= 8 * one + 5120
 
 
+@pytest.mark.slow  # 16 s: two spawned ranks (make test-full); sharding itself: test_distributed
 def test_bench_distributed_two_cpu_ranks(tmp_path, capsys):
     main(["--ranks", "1", "2", "--models", "Cu", "--repeats", "1", "--out", str(tmp_path)])
     md = next(tmp_path.glob("*-dist.md")).read_text()

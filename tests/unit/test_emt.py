@@ -125,6 +125,7 @@ def test_cache_roundtrip_and_reuse(tmp_path: Path, small_frames, monkeypatch) ->
     assert cache_name(**SMALL) != cache_name(seed=1, **SMALL)
 
 
+@pytest.mark.slow  # 20 s: regenerates the default EMT set (make test-full)
 def test_corrupted_cache_is_regenerated(tmp_path: Path) -> None:
     path = ensure_cu_emt(tmp_path, **SMALL)
     original = path.read_bytes()
