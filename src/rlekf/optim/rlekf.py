@@ -530,6 +530,48 @@ class RLEKF(Optimizer):
                 g.symmetrize_diagonal_()
         self._anchor[_SYM_DUE] = False
 
+    @torch.no_grad()
+    def reset_covariance(self, p0: float | None = None) -> None:
+        """Set every block this optimizer holds to ``P_i = p0 * I``.
+
+        Pending corrections are dropped with the old tiles (they belong to the old ``P``);
+        ``lambda``, the counters and the weights are kept. The blocks are allocated again
+        (lower tiles of ``S_i = I``, scale ``c_i = p0``), in the stored ``p_dtype``.
+
+        Args:
+            p0: the new scale (a positive finite float); ``None``: the parameter group's
+                ``p0``.
+        """
+        if p0 is None:
+            p0 = self._group["p0"]
+        p0 = _real("p0", p0, "a positive finite float", lambda v: 0.0 < v < math.inf)
+        anchor = self._anchor
+        self._groups = None
+        self._pending = []
+        self._index_cache = None
+        anchor.pop(_P, None)
+        anchor.pop(_P_SCALE, None)
+        anchor[_SYM_DUE] = False
+        self._storage()
+        anchor[_P_SCALE] = [p0] * len(anchor[_P_SCALE])
+
+    @torch.no_grad()
+    def scale_covariance(self, factor: float) -> None:
+        """Multiply every block this optimizer holds by ``factor``: ``P_i <- factor * P_i``.
+
+        Exact in the stored representation ``P_i = c_i (S_i - V_i V_i^T)``: only the float64
+        scales ``c_i`` change (pending corrections stay valid). Blocks not yet allocated are
+        allocated first (``p0 * I``), so the scaled value is ``factor * p0 * I``.
+
+        Args:
+            factor: a positive finite float (``> 1`` inflates the covariance).
+        """
+        factor = _real("factor", factor, "a positive finite float", lambda v: 0.0 < v < math.inf)
+        self._storage()
+        scales = self._anchor[_P_SCALE]
+        for i in range(len(scales)):
+            scales[i] = scales[i] * factor
+
     # ------------------------------------------------------------------ update
     @torch.no_grad()
     def step(  # type: ignore[override]
