@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,3 +266,66 @@ def test_grouped_sampler_shards_batches_across_ranks():
     assert [len(list(s)) for s in odd] == [2, 2]  # 3 batches padded to 4
     with pytest.raises(ValueError, match="rank"):
         GroupedBatchSampler(sizes, 2, num_replicas=2, rank=2)
+
+
+def test_force_norm_atoms_makes_the_force_measurement_independent_of_the_cell_size():
+    """A 4-atom cell and its 2x1x1 repeat: atoms 0-2 have identical environments and forces.
+
+    With the paper's 1/n both ε and H of the same atom group halve in the bigger cell; with a
+    fixed ``force_norm_atoms`` they are equal. The energy measurement (per atom) is equal in
+    both forms.
+    """
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from rlekf.data.readers import Frame
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.positions += np.random.default_rng(3).normal(0.0, 0.12, atoms.positions.shape)
+    big = atoms.repeat((2, 1, 1))
+    frames = []
+    for i, a in enumerate((atoms, big)):
+        a.calc = EMT()
+        frames.append(Frame.from_atoms(a, source="<emt>", index=i))
+    model, _ = model_and_batch(frames[:1], ["Cu"], [80], rcut=5.0, **SMALL)
+    batches = [collate_atoms([frame_to_item(f, ["Cu"], 5.0, [80], 0)]) for f in frames]
+    group = torch.tensor([0, 1, 2])
+
+    def measure(updater, kind):
+        out = []
+        for batch in batches:
+            n = int(batch[K.N_ATOMS][0])
+            model.zero_grad()
+            if kind == "force":
+                eps, _ = updater.force_measurement(model, batch, n, group)
+            else:
+                eps, _ = updater.energy_measurement(model, batch, n)
+            out.append((float(eps), _grads(model).clone()))
+        model.zero_grad()
+        return out
+
+    (e4, h4), (e8, h8) = measure(KalmanUpdater(), "force")
+    assert e8 == pytest.approx(e4 / 2, rel=1e-9)
+    torch.testing.assert_close(h8, h4 / 2, rtol=1e-8, atol=1e-14)
+    (e4, h4), (e8, h8) = measure(KalmanUpdater(force_norm_atoms=4), "force")
+    assert e8 == pytest.approx(e4, rel=1e-9)
+    torch.testing.assert_close(h8, h4, rtol=1e-8, atol=1e-14)
+    for up in (KalmanUpdater(), KalmanUpdater(force_norm_atoms=4)):
+        (e4, h4), (e8, h8) = measure(up, "energy")
+        assert e8 == pytest.approx(e4, rel=1e-9)
+        torch.testing.assert_close(h8, h4, rtol=1e-8, atol=1e-14)
+
+
+def test_force_norm_atoms_equal_to_n_is_the_papers_measurement(setup):
+    model, batch = setup
+    atoms = torch.tensor([0, 2, 3])
+    res = []
+    for up in (KalmanUpdater(), KalmanUpdater(force_norm_atoms=4)):
+        model.zero_grad()
+        eps, _ = up.force_measurement(model, batch, 4, atoms)
+        res.append((float(eps), _grads(model).clone()))
+    model.zero_grad()
+    assert res[0][0] == res[1][0]
+    assert torch.equal(res[0][1], res[1][1])
+    with pytest.raises(ValueError, match="force_norm_atoms"):
+        KalmanUpdater(force_norm_atoms=0)

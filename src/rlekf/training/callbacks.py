@@ -22,7 +22,14 @@ from rlekf import keys as K
 from rlekf.optim.distributed import ShardedRLEKF
 from rlekf.optim.rlekf import RLEKF
 
-__all__ = ["EpochSummary", "KalmanMonitor", "LastCheckpoint", "ResumeState", "StepTimer"]
+__all__ = [
+    "EpochSummary",
+    "KalmanMonitor",
+    "LastCheckpoint",
+    "ResumeState",
+    "StepSizeLog",
+    "StepTimer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +394,80 @@ class StepTimer(L.Callback):
 def _kalman_optimizer(trainer) -> RLEKF | None:
     opt = trainer.optimizers[0] if trainer.optimizers else None
     return opt if isinstance(opt, RLEKF) else None
+
+
+class StepSizeLog(L.Callback):
+    """Per-batch diagnostics in a CSV: how far each training batch moves the weights.
+
+    One row per training batch: ``epoch``, ``step`` (global), ``n_atoms`` (of the batch's
+    frames), ``energy_error`` (mean |E_label - E_pred| / n before the batch's update, eV/atom,
+    from one extra forward pass), ``step_norm`` (‖Δw‖₂ over all parameters of the whole
+    batch's update), ``max_step`` (max |Δw|) and, for a Kalman optimizer, ``innovation`` (its
+    ``last_innovation``). Written by rank 0 to ``<log dir>/<filename>`` (the trainer's
+    ``default_root_dir`` without a logger); rows are flushed every batch.
+
+    Args:
+        filename: CSV name, relative to the log folder.
+    """
+
+    COLUMNS = ("epoch", "step", "n_atoms", "energy_error", "step_norm", "max_step", "innovation")
+
+    def __init__(self, filename: str = "step_sizes.csv") -> None:
+        self.filename = filename
+        self._file = None
+        self._before: torch.Tensor | None = None
+        self._error = float("nan")
+
+    def _weights(self, pl_module) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).double() for p in pl_module.model.parameters()])
+
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        folder = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, self.filename)
+        new = not os.path.exists(path)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed at train end)
+        if new:
+            self._file.write(",".join(self.COLUMNS) + "\n")
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._file is None:
+            return
+        self._before = self._weights(pl_module)
+        with torch.no_grad():
+            e_pred = pl_module.model(batch, forces=False)[K.ENERGY].double()
+        n = batch[K.N_ATOMS].to(torch.float64)
+        self._error = float(torch.mean(torch.abs(batch[K.ENERGY].double() - e_pred) / n))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._file is None or self._before is None:
+            return
+        dw = self._weights(pl_module) - self._before
+        opt = _kalman_optimizer(trainer)
+        innovation = opt.last_innovation if opt is not None else float("nan")
+        row = (
+            trainer.current_epoch,
+            trainer.global_step,
+            int(batch[K.N_ATOMS][0]),
+            self._error,
+            float(torch.linalg.vector_norm(dw)),
+            float(dw.abs().max()),
+            innovation,
+        )
+        self._file.write(",".join(repr(v) if isinstance(v, float) else str(v) for v in row))
+        self._file.write("\n")
+        self._file.flush()
+        self._before = None
 
 
 class KalmanMonitor(L.Callback):

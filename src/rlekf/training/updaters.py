@@ -165,6 +165,14 @@ class KalmanUpdater:
         seed: seeds the atom sampling.
         mode: ``"paper"`` (exact, default) or ``"fused"`` (one forward pass and one rank-k
             update per batch; see above).
+        force_norm_atoms: the atom count ``N`` that divides the force measurement (ε by ``N``,
+            ``H`` by ``18 N``). ``None`` (default, the paper's rule): the frame's own ``n``, so
+            on data of mixed sizes a small frame's force measurement weighs ``n_big/n_small``
+            times more in ε and in ``H`` than a big frame's for the same force errors. An
+            integer: the same ``N`` for every frame (size-consistent: the measurement of a
+            group of atoms no longer depends on how many other atoms the frame holds; equal to
+            the paper's on frames of ``N`` atoms). The energy and virial measurements are
+            per-atom quantities already and are not affected.
     """
 
     MODES = ("paper", "fused")
@@ -186,6 +194,7 @@ class KalmanUpdater:
         virial_prefactor: float = 1.0,
         seed: int = 0,
         mode: str = "paper",
+        force_norm_atoms: int | None = None,
     ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"Invalid mode: {mode!r} (expected one of {self.MODES})")
@@ -197,6 +206,8 @@ class KalmanUpdater:
             raise ValueError("prefactors must be positive")
         if not (train_energy or train_force or train_virial):
             raise ValueError("at least one of train_energy/train_force/train_virial must be true")
+        if force_norm_atoms is not None and int(force_norm_atoms) < 1:
+            raise ValueError(f"force_norm_atoms must be a positive count, got {force_norm_atoms}")
         self.energy_prefactor = float(energy_prefactor)
         self.force_prefactor = float(force_prefactor)
         self.n_select = int(n_select)
@@ -206,6 +217,7 @@ class KalmanUpdater:
         self.train_virial = bool(train_virial)
         self.virial_prefactor = float(virial_prefactor)
         self.mode = mode
+        self.force_norm_atoms = None if force_norm_atoms is None else int(force_norm_atoms)
         self.generator = torch.Generator().manual_seed(int(seed))
         #: virial measurements made so far (0 until a batch with virial labels was trained)
         self.n_virial_updates = 0
@@ -295,9 +307,10 @@ class KalmanUpdater:
         f_sel = f_pred.reshape(bs, n, 3)[:, atoms]
         f_lab = batch[K.FORCES].to(f_pred.dtype).reshape(bs, n, 3)[:, atoms]
         p = self.force_prefactor
+        norm = n if self.force_norm_atoms is None else self.force_norm_atoms
         delta = p * (f_lab - f_sel.detach())
-        eps = math.sqrt(bs) * torch.mean(torch.abs(delta)) / n
-        scalar = torch.sum(torch.sign(delta) * p * f_sel) / (n * len(atoms) * 3)
+        eps = math.sqrt(bs) * torch.mean(torch.abs(delta)) / norm
+        scalar = torch.sum(torch.sign(delta) * p * f_sel) / (norm * len(atoms) * 3)
         # the zero-weighted energy term gives every parameter a gradient (pytorch#43259)
         return eps, scalar + 0.0 * out[K.ENERGY].sum()
 
