@@ -252,12 +252,31 @@ def test_emt_default_validation_and_test_cover_every_temperature(tmp_path):
 def test_every_preset_has_an_explicit_test_split(tmp_path):
     from tests.helpers.hydra import compose_cfg
 
-    for preset in ("cu_emt", "cu_pwmat", "si_mlearn", "water_deepmd"):
+    for preset in ("cu_emt", "cu_pwmat", "si_mlearn", "water_deepmd", "mapbi3_dpgen", "ec_pwmat"):
         d = compose_cfg("train", [f"data={preset}"], tmp_path).data
         held_out = d.get("test_path") is not None or (d.split != "none" and d.test_fraction > 0)
         assert held_out, preset
     si = compose_cfg("train", ["data=si_mlearn"], tmp_path).data
     assert si.test_path.endswith("si_mlearn/test.extxyz") and si.get("val_path") is None
+
+
+def test_ec_pwmat_preset_splits_the_trajectory_by_time_blocks(shared_data, tmp_path):
+    import hydra
+
+    from tests.helpers.hydra import compose_cfg
+
+    if not (shared_data / "ec_pwmat" / "EC_MOVEMENT").exists():
+        pytest.skip("../shared/data/ec_pwmat is absent")
+    cfg = compose_cfg("train", ["data=ec_pwmat"], tmp_path)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.setup("fit")  # a neighbour count above sel would raise here
+    sizes = {k: len(dm.datasets[k]) for k in ("train", "val", "test")}
+    assert sizes == {"train": 160, "val": 20, "test": 20}
+    assert dm.type_map == ["H", "C", "O"]
+    idx = json.loads((tmp_path / "split.json").read_text())
+    for name in ("val", "test"):  # one block of 20 consecutive frames each
+        got = sorted(i for _, i in idx[name])
+        assert got == list(range(got[0], got[0] + 20)), name
 
 
 def test_cu_pwmat_tests_on_the_end_of_the_500K_run_apart_from_validation(shared_data, tmp_path):
