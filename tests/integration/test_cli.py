@@ -51,6 +51,7 @@ def test_every_console_script_is_covered():
     expected = [
         "rlekf-bench",
         "rlekf-bench-dist",
+        "rlekf-change-bias",
         "rlekf-devi",
         "rlekf-eval",
         "rlekf-export",
