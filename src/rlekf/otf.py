@@ -11,6 +11,12 @@ training updates of :class:`rlekf.training.updaters.KalmanUpdater` (energy and f
 measurements, optionally replaying the ``replay`` previous buffer frames), then continues the MD
 with the updated model.
 
+Forgetting: every RLEKF update divides ``P`` by the forgetting factor ``lambda_t``, still
+below 1 at the end of a training run (0.989 after 450 updates with the defaults). During MD,
+where consecutive frames are alike, that inflates ``σ`` in every direction the new frames do not
+measure, so a threshold on ``σ`` keeps calling the reference; :func:`run_otf` therefore sets
+``lambda = 1`` by default (``forgetting=``), so that every assimilated frame only shrinks ``P``.
+
 Uncertainty used for the decision (``sigma=``):
 
 * ``"energy"`` (default): ``σ_E / n`` (eV/atom when the checkpoint is calibrated), ONE
@@ -67,6 +73,7 @@ __all__ = [
     "ramp",
     "run_otf",
     "save_checkpoint",
+    "set_forgetting",
 ]
 
 PathLike = str | os.PathLike
@@ -302,6 +309,23 @@ def save_checkpoint(
     return path
 
 
+def set_forgetting(optimizer: torch.optim.Optimizer, lam: float) -> None:
+    """Set the forgetting factor ``lambda_t`` of an RLEKF (through its state dict).
+
+    Every Kalman update divides ``P`` by ``lambda_t``; ``lambda_{t+1} = nu lambda_t + 1 - nu``
+    keeps 1 fixed, so ``lam = 1`` turns forgetting off for good (``P`` then only shrinks).
+
+    Raises:
+        ValueError: ``lam`` outside ``(0, 1]``.
+    """
+    if not 0.0 < lam <= 1.0:
+        raise ValueError(f"the forgetting factor must be in (0, 1], got {lam}")
+    sd = optimizer.state_dict()
+    anchor = sd["param_groups"][0]["params"][0]
+    sd["state"][anchor]["lam"] = float(lam)
+    optimizer.load_state_dict(sd)
+
+
 def _carry_calibration(src: Path, dst: Path, n_updates: int) -> None:
     """Copy the calibration sidecar of ``src`` to ``dst`` (same scale factors, new digest)."""
     from rlekf.uncertainty import _sha256, calibration_path
@@ -361,6 +385,7 @@ def run_otf(
     traj_every: int = 10,
     seed: int = 0,
     updater: Mapping[str, Any] | None = None,
+    forgetting: float | None = 1.0,
     device: str = "cpu",
     trust_checkpoint: bool = False,
     on_call: Callable[[OTFCall], None] | None = None,
@@ -402,6 +427,10 @@ def run_otf(
         updater: keyword arguments of :class:`~rlekf.training.updaters.KalmanUpdater`
             (prefactors, ``n_select``, ``group_size``, ``mode``...); its random state continues
             from the checkpoint's ``updater_state`` when there is one.
+        forgetting: the RLEKF forgetting factor ``lambda`` for the run (:func:`set_forgetting`):
+            1 (default) makes every assimilation shrink ``P``; ``None`` keeps the checkpoint's
+            ``lambda_t < 1``, which divides ``P`` by ``lambda_t`` at every update and so grows
+            ``σ`` in every direction the new frames do not measure.
         device: torch device of the model.
         trust_checkpoint: see :func:`rlekf.export.load_checkpoint`.
         on_call: called with every :class:`OTFCall` as it happens.
@@ -456,6 +485,8 @@ def run_otf(
         trust_checkpoint=trust_checkpoint,
     )
     optimizer = unc.covariance  # the run's RLEKF: P, lambda, bound to model's parameters
+    if forgetting is not None:
+        set_forgetting(optimizer, forgetting)
     kalman = KalmanUpdater(**{"seed": seed, **dict(updater or {})})
     if "updater_state" in source and "generator" in source["updater_state"]:
         kalman.load_state_dict(source["updater_state"])
@@ -601,6 +632,7 @@ def run_otf(
             "sigma": sigma,
             "calibrated": bool(unc.calibrated),
             "threshold": threshold,
+            "forgetting": forgetting,
             "seconds": result.seconds,
         }
         save_checkpoint(result.checkpoint, source, model, optimizer, kalman, extra=summary)
@@ -659,6 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-calls", type=int, default=None)
     p.add_argument("--error-every", type=int, default=None, help="log the true error (costly)")
     p.add_argument("--traj-every", type=int, default=10)
+    p.add_argument(
+        "--forgetting",
+        default="1",
+        help="RLEKF lambda during the run (1: no forgetting; 'keep': the checkpoint's)",
+    )
     p.add_argument("--n-select", type=int, default=24, help="KalmanUpdater n_select")
     p.add_argument("--group-size", type=int, default=6, help="KalmanUpdater group_size")
     p.add_argument("--seed", type=int, default=0)
@@ -699,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
             traj_every=args.traj_every,
             seed=args.seed,
             updater={"n_select": args.n_select, "group_size": args.group_size},
+            forgetting=None if args.forgetting == "keep" else float(args.forgetting),
             device=args.device,
             trust_checkpoint=args.trust_checkpoint,
             on_call=report,

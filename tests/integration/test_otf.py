@@ -206,3 +206,26 @@ def test_cli_and_bad_input(ckpt, tmp_path, capsys):
     argv[0] = str(tmp_path / "adam.ckpt")
     assert main([*argv, *fast, "--threshold", "0"]) == 1
     assert "Adam" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.95])
+def test_forgetting_one_only_shrinks_p(ckpt, lam):
+    """With lambda = 1 an update lowers g^T P g in every direction (P - K K^T / a); with
+    lambda < 1 the division by lambda raises it in the directions the update does not see."""
+    from rlekf.otf import atoms_batch, label_atoms, set_forgetting
+
+    model = DPCalculator.from_checkpoint(ckpt).model
+    opt = load_covariance(ckpt, model)
+    set_forgetting(opt, lam)
+    assert opt.lam == lam
+    g = torch.randn(64, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    before = opt.predictive_variance(g)
+    batch = atoms_batch(label_atoms(_atoms(), EMT()), model)
+    KalmanUpdater(seed=0, **FAST).update(model, batch, opt)
+    ratio = (opt.predictive_variance(g) / before).numpy()
+    if lam == 1.0:
+        assert np.all(ratio <= 1 + 1e-12) and ratio.min() < 1
+    else:
+        assert ratio.max() > 1.01
+    with pytest.raises(ValueError, match="forgetting"):
+        set_forgetting(opt, 1.5)
