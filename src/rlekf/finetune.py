@@ -124,13 +124,20 @@ def predict_energies(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """(F,) float64 eV: the model's total energy of every frame (no forces)."""
+    """(F,) float64 eV: the model's total energy of every frame (no forces).
+
+    The model is moved to ``device``; its train/eval mode is left as it was.
+    """
+    was_training = model.training
     model = model.to(device).eval()
     out = []
-    for start in range(0, len(dataset), batch_size):
-        chunk = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(device) for k, v in collate_atoms(chunk).items()}
-        out.append(model(batch, forces=False)[K.ENERGY].double().cpu().numpy())
+    try:
+        for start in range(0, len(dataset), batch_size):
+            chunk = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in collate_atoms(chunk).items()}
+            out.append(model(batch, forces=False)[K.ENERGY].double().cpu().numpy())
+    finally:
+        model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0)
 
 

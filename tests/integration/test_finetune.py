@@ -104,8 +104,8 @@ def test_finetune_starts_from_the_checkpoint_and_then_learns(policy, source, tmp
     path, ckpt = source
     digest = _sha(path)
     extra = [f"finetune.covariance={policy}"]
-    if policy == "inflate":
-        extra.append("finetune.inflate=4.0")
+    if policy == "inflate":  # and the energy bias refitted on the new training split
+        extra += ["finetune.inflate=4.0", "finetune.bias=refit"]
     cap, objects = _finetune(tmp_path, data_dir, path, *extra)
 
     # new run: epoch 0, step 0, its own folder; the source checkpoint untouched
@@ -123,6 +123,11 @@ def test_finetune_starts_from_the_checkpoint_and_then_learns(policy, source, tmp
     saved = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items()}
     assert set(cap.w0) == set(saved)
     for k, v in saved.items():
+        if k == "energy_bias" and policy == "inflate":
+            change = written["finetune"]["bias_change"]
+            assert change["old_bias"] == v.tolist() and change["n_frames"] == 16
+            assert cap.w0[k].tolist() == change["new_bias"] != change["old_bias"]
+            continue
         assert torch.equal(cap.w0[k], v), k
 
     # P and lambda at the first batch
