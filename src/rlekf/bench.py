@@ -86,8 +86,10 @@ __all__ = [
 
 def load_presets(directory: Path | str | None = None) -> dict[str, dict[str, Any]]:
     """The benchmark presets: ``configs/bench/<name>.yaml`` (``budget_s``: training seconds per
-    run; ``micro_blocks``: block sizes of the microbenchmark; ``datasets``: data preset ->
-    ``{"all": [...], "adam": [...]}`` Hydra overrides).
+    run; ``micro_blocks``: block sizes of the microbenchmark; ``datasets``: row name ->
+    ``{"all": [...], "adam": [...]}`` Hydra overrides, and optionally ``"data"``: the data preset
+    (``configs/data/<data>.yaml``; default: the row name), so that one data set can appear in
+    several rows, e.g. at several batch sizes).
 
     Raises:
         ValueError: A preset file without those keys (naming the file).
@@ -104,9 +106,13 @@ def load_presets(directory: Path | str | None = None) -> dict[str, dict[str, Any
         ):
             raise ValueError(f"{path}: a bench preset needs budget_s, micro_blocks and datasets")
         for name, over in preset["datasets"].items():
-            if not isinstance(over, dict) or set(over) - {"all", "adam"}:
-                raise ValueError(f"{path}: datasets.{name} takes the lists 'all' and 'adam'")
-            preset["datasets"][name] = {k: list(over.get(k) or []) for k in ("all", "adam")}
+            if not isinstance(over, dict) or set(over) - {"all", "adam", "data"}:
+                raise ValueError(
+                    f"{path}: datasets.{name} takes the lists 'all' and 'adam' and a 'data' name"
+                )
+            entry: dict[str, Any] = {k: list(over.get(k) or []) for k in ("all", "adam")}
+            entry["data"] = str(over.get("data") or name)
+            preset["datasets"][name] = entry
         out[path.stem] = preset
     return out
 
@@ -322,12 +328,21 @@ def _dhms(seconds: int) -> str:
 
 
 def run_training(
-    dataset: str, optim: str, overrides: list[str], budget_s: int, out: Path, seed: int = 0
+    dataset: str,
+    optim: str,
+    overrides: list[str],
+    budget_s: int,
+    out: Path,
+    seed: int = 0,
+    data: str | None = None,
 ) -> RunResult:
-    """Train one optimizer on one data set in a subprocess; returns its validation curve."""
+    """Train one optimizer on one data set in a subprocess; returns its validation curve.
+
+    ``dataset`` names the row; ``data`` is the data preset (default: ``dataset``).
+    """
     out.mkdir(parents=True, exist_ok=True)
     args = [
-        f"data={dataset}",
+        f"data={data or dataset}",
         f"optim={optim}",
         "logger=csv",
         "test=false",
@@ -884,13 +899,20 @@ def _plot(runs: list[RunResult], path: Path) -> None:
 
 
 def calibrate_adam(
-    dataset: str, overrides: list[str], budget_s: int, out: Path, epochs: int = 3
+    dataset: str,
+    overrides: list[str],
+    budget_s: int,
+    out: Path,
+    epochs: int = 3,
+    data: str | None = None,
 ) -> tuple[int | None, float | None, RunResult]:
     """Short Adam run (``epochs`` epochs) to time an epoch; returns (max_epochs, s/epoch, run).
 
     ``(None, None, run)`` when the run logged fewer than two epochs (then keep the preset).
     """
-    run = run_training(dataset, "adam", with_max_epochs(overrides, epochs), budget_s, out)
+    run = run_training(
+        dataset, "adam", with_max_epochs(overrides, epochs), budget_s, out, data=data
+    )
     try:
         n, s_per_epoch = adam_epochs_for_budget(run.elapsed_s, budget_s)
     except ValueError:
@@ -998,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
                         overrides = with_max_epochs(overrides, adam_n)
                     elif optim == "adam" and adam_mode == "auto":
                         n, spe, cal = calibrate_adam(
-                            ds, overrides, budget, work / ds / "adam_calib"
+                            ds, overrides, budget, work / ds / "adam_calib", data=over["data"]
                         )
                         adam_n = n
                         if n is None:
@@ -1026,7 +1048,9 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     print(f"[bench] {ds} / {optim}: {budget} s {overrides}", flush=True)
                     run_dir = work / ds / f"seed{seed}" / optim
-                    r = run_training(ds, optim, overrides, budget, run_dir, seed=seed)
+                    r = run_training(
+                        ds, optim, overrides, budget, run_dir, seed=seed, data=over["data"]
+                    )
                     print(
                         f"[bench]   {len(r.epochs)} epochs, rc={r.returncode}, final force "
                         f"{r.force_rmse[-1] if r.force_rmse else 'n/a'}",

@@ -312,8 +312,8 @@ def test_several_seeds_give_one_row_per_data_set_with_mean_and_calibration_error
 
     calls = []
 
-    def fake_run(ds, optim, overrides, budget, out, seed=0):
-        calls.append((ds, optim, seed, tuple(overrides), out))
+    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None):
+        calls.append((ds, optim, seed, tuple(overrides), out, data))
         out.mkdir(parents=True, exist_ok=True)
         good = 0.5 if optim == "adam" else 0.2 + 0.1 * seed  # seed changes the Kalman result
         r = _run(out, optim, [1.0, good], [0.1, good / 10], 1.0, seed=seed)
@@ -332,6 +332,7 @@ def test_several_seeds_give_one_row_per_data_set_with_mean_and_calibration_error
     assert rc == 0
     assert [(c[1], c[2]) for c in calls] == [("rlekf", 0), ("adam", 0), ("rlekf", 1), ("adam", 1)]
     assert len({c[4] for c in calls}) == 4  # separate run folders
+    assert {c[5] for c in calls} == {"cu_pwmat"}
     assert all("trainer.max_epochs=7" in c[3] for c in calls if c[1] == "adam")
     rows = list(csv.DictReader(open(next((tmp_path / "out").glob("*.csv")))))
     assert [r["dataset"] for r in rows] == ["cu_pwmat"] and rows[0]["seeds"] == "2"
@@ -347,7 +348,7 @@ def test_adam_epochs_default_to_auto_on_cpu(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_run(ds, optim, overrides, budget, out, seed=0):
+    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None):
         calls.append((optim, tuple(overrides)))
         out.mkdir(parents=True, exist_ok=True)
         # calibration: 3 epochs, first one 4 s, then 2 s each (wall-clock, as max_time sees)
@@ -375,12 +376,42 @@ def test_presets_are_read_from_configs_bench_and_name_real_data_presets(tmp_path
     from rlekf.bench import PRESETS, load_presets
     from tests.helpers.hydra import CONFIG_DIR
 
-    assert {"quick", "cu", "full"} <= set(PRESETS)
+    assert {"quick", "cu", "full", "batch"} <= set(PRESETS)
     data = {p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")}
     for preset in PRESETS.values():
         assert preset["budget_s"] > 0 and preset["micro_blocks"]
-        assert set(preset["datasets"]) <= data
+        assert {row["data"] for row in preset["datasets"].values()} <= data
+    assert PRESETS["full"]["datasets"]["si_mlearn"]["data"] == "si_mlearn"
+    rows = PRESETS["batch"]["datasets"]
+    assert {r["data"] for r in rows.values()} == {"cu_pwmat"}
+    assert [r["all"] for r in rows.values()] == [[f"data.batch_size={b}"] for b in (1, 4, 16)]
     bad = tmp_path / "broken.yaml"
     bad.write_text("budget_s: 10\ndatasets: {}\n")
     with pytest.raises(ValueError, match="broken.yaml"):
         load_presets(tmp_path)
+
+
+def test_batch_preset_runs_one_data_preset_in_rows_per_batch_size(tmp_path, monkeypatch):
+    import rlekf.bench as bench
+
+    calls = []
+
+    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None):
+        calls.append((ds, data, tuple(overrides)))
+        out.mkdir(parents=True, exist_ok=True)
+        r = _run(out, optim, [1.0, 0.5], [0.1, 0.05], 1.0, seed=seed)
+        r.dataset = ds
+        return r
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    rc = bench.main(
+        [
+            "--preset", "batch", "--seeds", "0", "--optims", "rlekf", "--no-micro",
+            "--device", "cpu", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    assert [(c[0], c[1]) for c in calls] == [(f"cu_pwmat_bs{b}", "cu_pwmat") for b in (1, 4, 16)]
+    assert [c[2][-1] for c in calls] == [f"data.batch_size={b}" for b in (1, 4, 16)]
+    rows = list(csv.DictReader(open(next((tmp_path / "out").glob("*.csv")))))
+    assert [r["dataset"] for r in rows] == [f"cu_pwmat_bs{b}" for b in (1, 4, 16)]
