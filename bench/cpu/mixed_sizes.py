@@ -65,8 +65,8 @@ def report(out: Path) -> str:
         "",
         "## Weight step of one frame's update (all its measurements) by frame size",
         "",
-        "| force norm | seed | atoms | frames | median ‖Δw‖ | median max|Δw| | "
-        "median |ΔE|/n before (meV/atom) |",
+        "| force norm | seed | atoms | frames | median ‖Δw‖₂ | median max abs Δw | "
+        "median energy error before (meV/atom) |",
         "|---|---|---|---|---|---|---|",
     ]
     for (norm, seed), run in runs.items():
