@@ -323,3 +323,21 @@ def test_finetune_maps_a_subset_of_the_type_map_by_name(tmp_path, data_dir):
     assert untouched and all(torch.equal(cap.w1[k], cap.w0[k]) for k in untouched)
     learned = [k for k in cap.w0 if k.startswith("fittings.1.")]
     assert learned and any(not torch.equal(cap.w1[k], cap.w0[k]) for k in learned)
+
+
+@pytest.mark.slow
+def test_finetune_from_a_checkpoint_written_by_a_training_run(tmp_path, data_dir):
+    """The same start-state check on a real ``last.ckpt`` (Lightning's own checkpoint dict)."""
+    src = tmp_path / "src"
+    train(compose_cfg("train", [*BASE, "trainer.max_epochs=2"], src, data_dir))
+    path = src / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, 20)
+    cap, objects = _finetune(tmp_path / "run", data_dir, path)
+    assert (cap.epoch, cap.step) == (0, 0)
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(cap.w0[k[len("model.") :]], v), k
+    for got, ref in zip(cap.p0, state_covariance(ckpt["optimizer_states"][0]), strict=True):
+        assert torch.equal(got, ref)
+    written = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (written["epoch"], written["global_step"]) == (0, 10)

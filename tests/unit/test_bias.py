@@ -123,3 +123,24 @@ def test_refit_on_frames_adds_the_hand_fit_and_shifts_energies_by_counts():
     np.testing.assert_allclose(pred_after - pred_before, counts @ delta, rtol=0, atol=1e-9)
     assert change.energy_rmse_after < change.energy_rmse_before
     assert "Ag" in change.summary() and "kept" in change.summary()
+
+
+def test_change_bias_command_line_translation():
+    from rlekf.change_bias import _translate, default_output
+
+    assert _translate(["a.ckpt", "data=xyz", "-o", "b.ckpt", "--trust-checkpoint"]) == [
+        "ckpt_path=a.ckpt",
+        "data=xyz",
+        "output=b.ckpt",
+        "trust_checkpoint=true",
+    ]
+    assert _translate(["ckpt_path=a.ckpt", "--output=c.ckpt"]) == [
+        "ckpt_path=a.ckpt",
+        "output=c.ckpt",
+    ]
+    assert _translate(["--help"]) == ["--help"]
+    with pytest.raises(SystemExit, match="-o needs a file name"):
+        _translate(["a.ckpt", "-o"])
+    from pathlib import Path
+
+    assert default_output(Path("runs/last.ckpt")) == Path("runs/last_bias.ckpt")
