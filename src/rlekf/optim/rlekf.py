@@ -674,19 +674,10 @@ class RLEKF(Optimizer):
         anchor = self._anchor
         symmetrize = bool(anchor.get(_SYM_DUE, False))
         device = rows.device
-        scales = anchor[_P_SCALE]
         index = self._group_index(device)
 
         # (1) one pass per group: apply the pending V, U = S H (rows (B, k, n) per group)
-        H64: list[Tensor] = []
-        U64: list[Tensor] = []
-        for gi, g in enumerate(groups):
-            flat_idx, _ = index[gi]
-            Hk = rows.index_select(1, flat_idx).view(k, g.count, g.n).transpose(0, 1)
-            Y = g.sweep_rows_(Hk, self._pending[gi], symmetrize=symmetrize)
-            self._pending[gi] = None
-            H64.append(Hk.to(torch.float64))
-            U64.append(Y.to(torch.float64, copy=True))
+        swept = self._sweep_groups(rows, symmetrize=symmetrize)
         if symmetrize:
             anchor[_SYM_DUE] = False
 
@@ -697,13 +688,9 @@ class RLEKF(Optimizer):
         stats = torch.zeros(n_blocks * width + k + 1, dtype=torch.float64, device=device)
         per_block_dev = stats[: n_blocks * width].view(n_blocks, width)
         bad = torch.zeros((), dtype=torch.float64, device=device)
-        c_groups: list[Tensor] = []
         for gi, members in enumerate(self._members):
             _, block_idx = index[gi]
-            h, u = H64[gi], U64[gi]
-            c = torch.tensor([scales[pos] for pos in members], dtype=torch.float64)
-            c = c.to(device)
-            c_groups.append(c)
+            h, u, c = swept[gi]
             quads = torch.bmm(h, u.mT).mul_(c.view(-1, 1, 1))  # (B, k, k)
             row = torch.cat([quads.reshape(len(members), kk), (h * h).sum(2)], dim=1)
             per_block_dev.index_copy_(0, block_idx, row)
@@ -726,9 +713,10 @@ class RLEKF(Optimizer):
         weight = res.weight.to(device)
         pending = res.pending.to(device)
         dw = torch.zeros(n_total, dtype=torch.float64, device=device)
+        scales = anchor[_P_SCALE]
         for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
             flat_idx, _ = index[gi]
-            u, c = U64[gi], c_groups[gi]
+            _, u, c = swept[gi]
             # dw_i = c_i U_i w (U_i = S_i H_i, stored (k, n)); V_i = sqrt(c_i) U_i pending
             dw.index_copy_(0, flat_idx, torch.matmul(weight, u).mul_(c.view(-1, 1)).reshape(-1))
             V = g.vectors(k)  # the previous pending buffer of this k was applied above
@@ -957,19 +945,37 @@ class RLEKF(Optimizer):
         if k == 0:
             raise ValueError("RLEKF.predictive_variance needs at least one gradient")
         rows = self._gradient_rows(grads, k)
-        groups = self._storage()
-        self.flush()
-        scales = self._anchor[_P_SCALE]
-        index = self._group_index(rows.device)
         out = torch.zeros(k, dtype=torch.float64, device=rows.device)
-        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
-            Hk = rows.index_select(1, index[gi][0]).view(k, g.count, g.n).transpose(0, 1)
-            Y = g.sweep_rows_(Hk, None)
-            quad = (Hk.to(torch.float64) * Y.to(torch.float64)).sum(2)  # (B, k)
-            c = torch.tensor([scales[pos] for pos in members], dtype=torch.float64)
-            out += (quad * c.to(quad.device).unsqueeze(1)).sum(0)
+        for h, u, c in self._sweep_groups(rows):
+            out += ((h * u).sum(2) * c.unsqueeze(1)).sum(0)  # sum over blocks of (B, k)
         self._reduce_stats(out)
         return out.cpu()
+
+    def _sweep_groups(
+        self, rows: Tensor, symmetrize: bool = False
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """One pass over each group's storage: apply the pending correction, ``U = S H``.
+
+        Args:
+            rows: ``(k, N)`` gradient rows in ``p_dtype`` (optimizer order).
+            symmetrize: re-symmetrise the diagonal tiles in the same pass.
+
+        Returns:
+            per group ``(H, U, c)``: ``H`` and ``U`` ``(B, k, n)`` float64 (``B`` blocks of
+            ``n`` parameters), ``c`` ``(B,)`` float64 the blocks' scales (``P_i = c_i S_i``).
+        """
+        k = rows.shape[0]
+        groups = self._storage()  # allocates P (and its scales) on first use
+        scales = self._anchor[_P_SCALE]
+        index = self._group_index(rows.device)
+        out = []
+        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
+            Hk = rows.index_select(1, index[gi][0]).view(k, g.count, g.n).transpose(0, 1)
+            Y = g.sweep_rows_(Hk, self._pending[gi], symmetrize=symmetrize)
+            self._pending[gi] = None
+            c = torch.tensor([scales[pos] for pos in members], dtype=torch.float64)
+            out.append((Hk.to(torch.float64), Y.to(torch.float64, copy=True), c.to(rows.device)))
+        return out
 
     # ------------------------------------------------------------------ logging
     @torch.no_grad()
