@@ -28,21 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
-from ase.data import atomic_numbers, chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from rlekf import keys as K
-from rlekf.data.neighbors import NeighborOverflowError, slot_neighbors
+from rlekf.data.converter import AtomsConverter, UnknownElementError
 from rlekf.export import load_checkpoint_with_info, load_exported
 from rlekf.models.deep_potential import DeepPotential, resolve_dtype
 
 __all__ = ["DPCalculator", "StressNotTrainedWarning", "UnknownElementError"]
 
 PathLike = str | os.PathLike
-
-
-class UnknownElementError(ValueError):
-    """The structure holds an element the model was not trained on."""
 
 
 class StressNotTrainedWarning(UserWarning):
@@ -91,9 +86,7 @@ class DPCalculator(Calculator):
         self.sel = [int(s) for s in sel]
         self.dtype = resolve_dtype(dtype)
         self.device = torch.device(device)
-        self._lookup = np.full(119, -1, dtype=np.int64)
-        for t, sym in enumerate(self.type_map):
-            self._lookup[atomic_numbers[sym]] = t
+        self.converter = AtomsConverter(self.type_map, self.rcut, self.sel, self.dtype, device)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -170,19 +163,6 @@ class DPCalculator(Calculator):
         )
 
     # ------------------------------------------------------------------ evaluation
-    def _types(self, numbers: np.ndarray) -> np.ndarray:
-        safe = np.clip(numbers, 0, 118)
-        types = self._lookup[safe]
-        bad = np.flatnonzero(types < 0)
-        if bad.size:
-            missing = sorted({chemical_symbols[int(z)] for z in numbers[bad]})
-            raise UnknownElementError(
-                f"element(s) {', '.join(missing)} not in the model's type map {self.type_map}: "
-                "the model was trained only on these elements; use a model trained with "
-                f"{', '.join(missing)} or remove those atoms"
-            )
-        return types
-
     def calculate(
         self,
         atoms: Any = None,
@@ -197,45 +177,10 @@ class DPCalculator(Calculator):
         """
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        numbers = atoms.get_atomic_numbers().astype(np.int64)
-        types = self._types(numbers)
-        positions = atoms.get_positions()
+        batch = self.converter(atoms)
         cell = np.asarray(atoms.get_cell())
-        pbc = atoms.get_pbc()
-        try:
-            nl = slot_neighbors(
-                positions,
-                cell,
-                pbc,
-                types,
-                self.rcut,
-                self.sel,
-                where=atoms.get_chemical_formula(),
-            )
-        except NeighborOverflowError as exc:
-            raise NeighborOverflowError(
-                f"{exc}. A trained model's sel is fixed: this structure is denser than the "
-                "model allows (compressed or collapsed?); check it, or train a model with a "
-                "larger sel"
-            ) from exc
-        volume = abs(float(np.linalg.det(cell))) if pbc.all() else 0.0
+        volume = abs(float(np.linalg.det(cell))) if atoms.get_pbc().all() else 0.0
         want_stress = "stress" in properties and volume > 1e-12
-        dev, dt = self.device, self.dtype
-        n = len(numbers)
-        pos_t = torch.as_tensor(positions, dtype=dt, device=dev)
-        cell_t = torch.as_tensor(cell, dtype=dt, device=dev).reshape(1, 3, 3)
-        types_t = torch.as_tensor(types, dtype=torch.int64, device=dev)
-        batch_t = torch.zeros(n, dtype=torch.int64, device=dev)
-        nbr_t = torch.as_tensor(nl.neighbors, dtype=torch.int64, device=dev)
-        shifts_t = torch.as_tensor(nl.shifts, dtype=dt, device=dev)
-        batch = {
-            K.POSITIONS: pos_t,
-            K.CELL: cell_t,
-            K.TYPES: types_t,
-            K.BATCH: batch_t,
-            K.NEIGHBORS: nbr_t,
-            K.SHIFTS: shifts_t,
-        }
         with torch.enable_grad():  # the model, scripted or not, takes the same call
             out = self.model(batch, forces=True, virial=want_stress)
         energy = float(out[K.ENERGY].detach()[0])

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from rlekf.data.neighbors import NeighborOverflowError, slot_neighbors
+from rlekf.data.neighbors import NeighborOverflowError, _ase_pairs, pair_list, slot_neighbors
 
 
 def brute_force(positions, cell, pbc, cutoff):
@@ -91,3 +91,32 @@ def test_overflow_is_an_error_not_a_silent_cut():
             [3],
             where="x.xyz frame 2",
         )
+
+
+@pytest.mark.parametrize(
+    "cell, pbc",
+    [
+        (np.diag([4.0, 4.5, 5.0]), [True, True, True]),
+        (np.array([[3.0, 0, 0], [1.2, 3.1, 0], [0.4, 0.7, 3.3]]), [True, True, True]),
+        (np.diag([5.0, 5.0, 30.0]), [True, True, False]),
+        (np.zeros((3, 3)), [False, False, False]),
+        (np.eye(3) * 1.1, [True, True, True]),  # atoms see their own images
+    ],
+)
+@pytest.mark.parametrize("backend", ["vesin", "ase"])
+def test_half_pair_list_holds_each_pair_once(cell, pbc, backend):
+    rng = np.random.default_rng(3)
+    positions = rng.uniform(0, 1, (5, 3)) @ (cell if np.any(cell) else np.eye(3) * 4.0)
+    cutoff = 3.1
+    if backend == "vesin":
+        i, j, s, d = pair_list(positions, cell, np.array(pbc), cutoff, full_list=False)
+    else:
+        i, j, s, d = _ase_pairs(positions, cell, np.array(pbc), cutoff, full_list=False)
+    half = {(int(a), int(b), *map(int, t)) for a, b, t in zip(i, j, s, strict=True)}
+    mirror = {(b, a, -x, -y, -z) for a, b, x, y, z in half}
+    full = brute_force(positions, cell, pbc, cutoff)
+    assert len(half) == len(i) and not half & mirror
+    assert half | mirror == full
+    np.testing.assert_allclose(
+        d, np.linalg.norm(positions[j] + s @ cell - positions[i], axis=1), atol=1e-12
+    )

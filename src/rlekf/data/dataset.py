@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from rlekf import keys as K
-from rlekf.data.neighbors import slot_neighbors
-from rlekf.data.readers import DataError, Frame, apply_type_map
+from rlekf.data.converter import AtomsConverter
+from rlekf.data.frames import DataError, Frame
 
 __all__ = ["AtomsDataset", "GroupedBatchSampler", "collate_atoms", "frame_to_item"]
 
@@ -36,32 +36,36 @@ def frame_to_item(
     Raises:
         DataError: element not in the type map, or more neighbours than ``sel`` allows.
     """
-    where = f"{frame.source} frame {frame.index}"
-    types = apply_type_map(frame.numbers, list(type_map), frame.source, frame.index)
+    return _item(AtomsConverter(type_map, rcut, sel, dtype), frame, frame_id)
+
+
+def _item(converter: AtomsConverter, frame: Frame, frame_id: int) -> dict[str, torch.Tensor]:
+    """The inputs of ``frame`` (:meth:`AtomsConverter.inputs`) with its labels and id."""
     try:
-        nl = slot_neighbors(
-            frame.positions, frame.cell, frame.pbc, types, rcut, list(sel), where=where
+        x = converter.inputs(
+            frame.positions,
+            frame.cell,
+            frame.pbc,
+            frame.numbers,
+            source=frame.source,
+            index=frame.index,
         )
-    except ValueError as exc:
+    except DataError:
+        raise
+    except ValueError as exc:  # too many neighbours for sel
         raise DataError(str(exc)) from exc
-    n = len(types)
     has_virial = frame.virial is not None
     virial = frame.virial if has_virial else np.zeros((3, 3))
     return {
-        K.POSITIONS: torch.as_tensor(frame.positions, dtype=dtype),
-        K.CELL: torch.as_tensor(frame.cell, dtype=dtype).reshape(1, 3, 3),
-        K.PBC: torch.as_tensor(np.asarray(frame.pbc, dtype=bool)).reshape(1, 3),
-        K.NUMBERS: torch.as_tensor(frame.numbers, dtype=torch.int64),
-        K.TYPES: torch.as_tensor(types, dtype=torch.int64),
-        K.N_ATOMS: torch.tensor([n], dtype=torch.int64),
+        **{k: x[k] for k in (K.POSITIONS, K.CELL, K.PBC, K.NUMBERS, K.TYPES, K.N_ATOMS)},
         K.ENERGY: torch.tensor([float(frame.energy)], dtype=torch.float64),
         K.FORCES: torch.as_tensor(frame.forces, dtype=torch.float64),
         K.VIRIAL: torch.as_tensor(virial, dtype=torch.float64).reshape(1, 3, 3),
         K.HAS_VIRIAL: torch.tensor([has_virial]),
-        K.NEIGHBORS: torch.as_tensor(nl.neighbors, dtype=torch.int32),
-        K.SHIFTS: torch.as_tensor(nl.shifts, dtype=torch.int16),
+        K.NEIGHBORS: x[K.NEIGHBORS],
+        K.SHIFTS: x[K.SHIFTS],
         K.FRAME_ID: torch.tensor([frame_id], dtype=torch.int64),
-        K.MAX_COUNT: torch.as_tensor(nl.max_count),
+        K.MAX_COUNT: x[K.MAX_COUNT],
     }
 
 
@@ -89,10 +93,8 @@ class AtomsDataset(Dataset):
     ) -> None:
         self.frames = list(frames)
         ids = list(range(len(self.frames))) if frame_ids is None else list(frame_ids)
-        self.items = [
-            frame_to_item(f, type_map, rcut, sel, i, dtype)
-            for f, i in zip(self.frames, ids, strict=True)
-        ]
+        converter = AtomsConverter(type_map, rcut, sel, dtype)
+        self.items = [_item(converter, f, i) for f, i in zip(self.frames, ids, strict=True)]
         ntypes = len(type_map)
         self.max_neighbors = np.zeros(ntypes, dtype=np.int64)
         for item in self.items:

@@ -49,7 +49,12 @@ class SlotNeighbors:
 
 
 def pair_list(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    cutoff: float,
+    *,
+    full_list: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All ordered pairs (i, j, S) with |r_j + S·cell − r_i| < cutoff, i≠j or S≠0.
 
@@ -58,6 +63,7 @@ def pair_list(
         cell: (3, 3) Å, rows are lattice vectors (ignored along non-periodic directions).
         pbc: (3,) bool.
         cutoff: Å.
+        full_list: both (i, j, S) and (j, i, −S) of every pair; ``False``: one of the two.
 
     Returns:
         i (p,), j (p,), S (p, 3) int64, d (p,) distances in Å.
@@ -69,8 +75,8 @@ def pair_list(
     try:
         from vesin import NeighborList
     except ImportError:  # pragma: no cover - exercised only without vesin
-        return _ase_pairs(positions, cell, pbc, cutoff)
-    nl = NeighborList(cutoff=float(cutoff), full_list=True)
+        return _ase_pairs(positions, cell, pbc, cutoff, full_list)
+    nl = NeighborList(cutoff=float(cutoff), full_list=full_list)
     periodic = bool(pbc.all()) if pbc.all() or not pbc.any() else pbc.tolist()
     i, j, s, d = nl.compute(points=positions, box=box, periodic=periodic, quantities="ijSd")
     return (
@@ -81,12 +87,15 @@ def pair_list(
     )
 
 
-def _ase_pairs(positions, cell, pbc, cutoff):  # pragma: no cover - fallback
+def _ase_pairs(positions, cell, pbc, cutoff, full_list=True):  # pragma: no cover - fallback
     from ase import Atoms
     from ase.neighborlist import neighbor_list
 
     atoms = Atoms(positions=positions, cell=cell, pbc=pbc)
     i, j, s, d = neighbor_list("ijSd", atoms, float(cutoff))
+    if not full_list:  # i < j, and of an atom's own images the S whose first non-zero is > 0
+        keep = (i < j) | ((i == j) & (np.sign(s) @ np.array([4, 2, 1]) > 0))
+        i, j, s, d = i[keep], j[keep], s[keep], d[keep]
     return i.astype(np.int64), j.astype(np.int64), s.astype(np.int64), d
 
 
