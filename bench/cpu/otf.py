@@ -9,15 +9,19 @@ Setup (32-atom fcc Cu cells, ``generate_cu_emt(size=2)``, model ``small``, RLEKF
   ``RAMP`` steps, then held; a second run also stretches the cell by +2 % (linear strain);
 * (a) no OTF: ``rlekf-otf`` with threshold ∞ (never calls), the relative force error of the
   model against EMT every 10 steps (``errors.csv``: RMSE / RMS of the EMT forces);
-* (b) OTF: the same run with a threshold on the energy σ per atom (the largest σ of the
-  300 K validation frames times ``--factor``); reference calls, the relative error along the
-  run, and the final model's errors on a fixed 1200 K test set (30 frames, another MD seed);
+* (b) OTF: the same run with a threshold on the energy σ per atom, or on the largest per-atom
+  force σ (signed estimator), each the largest of that σ on the 300 K validation frames times
+  ``--factor``; replaying 2 earlier frames per call; ``lambda = 1`` (the default of
+  ``run_otf``; one control run keeps the checkpoint's ``lambda_t < 1``); reference calls, the
+  relative error along the run, and the final model's errors on a fixed 1200 K test set (30
+  frames, another MD seed) and on the 300 K validation frames (forgetting);
 * controls: ``m300+N``, trained offline from scratch on the 90 frames at 300 K plus N frames
   at 1200 K (N = the OTF run's reference calls: the same labelled frames in all), and ``m1200``.
 
     OMP_NUM_THREADS=1 python bench/cpu/otf.py OUT_DIR [--epochs 4] [--ramp 1000] [--hold 1000]
 
-Writes OUT_DIR/results.json and OUT_DIR/results.md (the table). Stages are cached in OUT_DIR
+Writes OUT_DIR/results.json and OUT_DIR/results.md (the table; ``results_f<factor>.*`` and
+run folders ``*_f<factor>`` for ``--factor`` other than 1). Stages are cached in OUT_DIR
 (delete a run folder to redo it).
 """
 
@@ -178,6 +182,7 @@ def md(
             error_every=10,
             seed=args.seed,
             forgetting=forgetting,
+            updater={"train_virial": args.train_virial},
         )
     summary = json.loads((run / "summary.json").read_text())
     with open(run / "errors.csv") as fh:
@@ -202,7 +207,7 @@ def md(
         "rel_ramp": rel(10, args.ramp),
         "rel_hold": rel(args.ramp + 10, n),
         "rel_all": rel(10, n),
-        "final_checkpoint": summary["final_checkpoint"],
+        "final_checkpoint": str(run / "final.ckpt"),
     }
 
 
@@ -219,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay", type=int, default=2)
     parser.add_argument("--factor", type=float, default=1.0, help="threshold / max val σ")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-virial", action="store_true", help="assimilate the EMT virials too (runs *_v)"
+    )
     parser.add_argument("--stage", choices=("train", "all"), default="all")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -235,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     val300 = read_frames(data["val300"])
     res: dict = {"thresholds": thr, "runs": {}, "models": {}}
     scenarios = {"heat": 0.0, "heat+strain": 0.02}
+    suffix = ("" if args.factor == 1.0 else f"_f{args.factor:g}") + (
+        "_v" if args.train_virial else ""
+    )
     for scen, strain in scenarios.items():
         tag = scen.replace("+", "_")
         runs = res["runs"].setdefault(scen, {})
@@ -242,13 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         runs["m1200, no OTF"] = md(
             m1200, out / f"md_{tag}_m1200", math.inf, "energy", args, strain
         )
-        sigmas = ("energy", "force") if scen == "heat" else ("energy",)
-        for sigma in sigmas:
+        for sigma in ("energy", "force"):
             name = f"m300 + OTF (σ {sigma})"
-            runs[name] = md(m300, out / f"md_{tag}_otf_{sigma}", thr[sigma], sigma, args, strain)
-        if scen == "heat":  # the control: the checkpoint's lambda_t < 1 kept (P inflates)
+            run = out / f"md_{tag}_otf_{sigma}{suffix}"
+            runs[name] = md(m300, run, thr[sigma], sigma, args, strain)
+        # the control: the checkpoint's lambda_t < 1 kept (P inflates)
+        if scen == "heat" and not args.train_virial:
             name = "m300 + OTF (σ energy, λ_t kept)"
-            run = out / f"md_{tag}_otf_energy_keep"
+            run = out / f"md_{tag}_otf_energy_keep{suffix}"
             runs[name] = md(m300, run, thr["energy"], "energy", args, strain, forgetting=None)
     res["models"]["m300"] = {
         "test1200": test_errors(m300, test),
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     pool = read_frames(data["train1200"])
     for scen, runs in res["runs"].items():
         for name, r in runs.items():
-            if "OTF" not in name:
+            if not name.startswith("m300 + OTF"):
                 continue
             final = Path(r["final_checkpoint"])
             res["models"][f"{name}, {scen}"] = {
@@ -289,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.time() - t0,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "results.md").write_text(table(res, args))
-    print((out / "results.md").read_text())
+    (out / f"results{suffix}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"results{suffix}.md").write_text(table(res, args))
+    print((out / f"results{suffix}.md").read_text())
     return 0
 
 
@@ -316,8 +328,8 @@ def table(res: dict, args) -> str:
     lines += [
         "",
         "| model | labelled frames | 1200 K test: rel. force error | force RMSE (eV/Å) | "
-        "energy RMSE (meV/atom) | 300 K val: rel. force error |",
-        "|---|---|---|---|---|---|",
+        "energy RMSE (meV/atom) | 300 K val: rel. force error | energy RMSE (meV/atom) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in res["models"].items():
         t, v = m["test1200"], m["val300"]
@@ -326,7 +338,8 @@ def table(res: dict, args) -> str:
         )
         lines.append(
             f"| {name} | {frames} | {t['relative_force_error']:.3f} | {t['force_rmse']:.3f} | "
-            f"{t['energy_rmse'] * 1e3:.2f} | {v['relative_force_error']:.3f} |"
+            f"{t['energy_rmse'] * 1e3:.2f} | {v['relative_force_error']:.3f} | "
+            f"{v['energy_rmse'] * 1e3:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

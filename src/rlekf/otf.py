@@ -12,7 +12,7 @@ measurements, optionally replaying the ``replay`` previous buffer frames), then 
 with the updated model.
 
 Forgetting: every RLEKF update divides ``P`` by the forgetting factor ``lambda_t``, still
-below 1 at the end of a training run (0.989 after 450 updates with the defaults). During MD,
+below 1 at the end of a training run (0.989 after 460 updates with the defaults). During MD,
 where consecutive frames are alike, that inflates ``σ`` in every direction the new frames do not
 measure, so a threshold on ``σ`` keeps calling the reference; :func:`run_otf` therefore sets
 ``lambda = 1`` by default (``forgetting=``), so that every assimilated frame only shrinks ``P``.
@@ -696,6 +696,11 @@ def main(argv: list[str] | None = None) -> int:
         default="1",
         help="RLEKF lambda during the run (1: no forgetting; 'keep': the checkpoint's)",
     )
+    p.add_argument(
+        "--train-virial",
+        action="store_true",
+        help="also assimilate the reference's virial (-stress·volume; periodic cells)",
+    )
     p.add_argument("--n-select", type=int, default=24, help="KalmanUpdater n_select")
     p.add_argument("--group-size", type=int, default=6, help="KalmanUpdater group_size")
     p.add_argument("--seed", type=int, default=0)
@@ -735,7 +740,11 @@ def main(argv: list[str] | None = None) -> int:
             error_every=args.error_every,
             traj_every=args.traj_every,
             seed=args.seed,
-            updater={"n_select": args.n_select, "group_size": args.group_size},
+            updater={
+                "n_select": args.n_select,
+                "group_size": args.group_size,
+                "train_virial": args.train_virial,
+            },
             forgetting=None if args.forgetting == "keep" else float(args.forgetting),
             device=args.device,
             trust_checkpoint=args.trust_checkpoint,
