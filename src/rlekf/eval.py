@@ -1,12 +1,13 @@
 """``rlekf-eval``: errors of a trained checkpoint on any data set, with CSVs and a parity plot.
 
-``rlekf-eval ckpt_path=... [data=...] [split=test|val|train|all]``. Virial (eV/atom) and stress
-(GPa) errors are reported when the data has virial labels, with whether the checkpoint was
-trained on virials (``trained_on_virials`` in ``metrics.json`` when known). The model is rebuilt
-from the checkpoint alone (its ``model_config``), so the ``model`` config group plays no part; the
-data set is read with the checkpoint's type map, cutoff and ``sel``. Outputs go to the run
-folder (see :func:`rlekf.evaluation.write_outputs`); metrics and the parity plot are logged to
-the configured loggers (``logger=wandb``, ``logger=csv``).
+``rlekf-eval ckpt_path=... [data=...] [split=test|val|train|all] [group_by=<info key>]``
+(``group_by``: errors per frame group too, e.g. ``group_by=group`` for the mlearn sets).
+Virial (eV/atom) and stress (GPa) errors are reported when the data has virial labels, with
+whether the checkpoint was trained on virials (``trained_on_virials`` in ``metrics.json`` when
+known). The model is rebuilt from the checkpoint alone (its ``model_config``), so the ``model``
+config group plays no part; the data set is read with the checkpoint's type map, cutoff and
+``sel``. Outputs go to the run folder (see :func:`rlekf.evaluation.write_outputs`); metrics and
+the parity plot are logged to the configured loggers (``logger=wandb``, ``logger=csv``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from omegaconf import DictConfig
 
 from rlekf.data.neighbors import NeighborOverflowError
 from rlekf.data.readers import DataError
-from rlekf.evaluation import format_metrics, predict, select_frames, write_outputs
+from rlekf.evaluation import (
+    GROUPS_JSON,
+    format_group_table,
+    format_metrics,
+    frame_groups,
+    metrics_by_group,
+    predict,
+    select_frames,
+    write_outputs,
+)
 from rlekf.export import load_checkpoint_with_info
 from rlekf.utils.instantiate import CONFIG_DIR, instantiate_many, wandb_offline_by_default
 
@@ -80,6 +90,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics["trained_on_virials"] = float(info["trained_on_virials"])
         paths["metrics"].write_text(json.dumps(metrics, indent=1))
     print(format_metrics(metrics, title, info["trained_on_virials"]))
+    group_by = cfg.get("group_by")
+    if group_by:
+        groups = metrics_by_group(result, frame_groups(result, str(group_by)))
+        paths["metrics_by_group"] = out_dir / GROUPS_JSON
+        paths["metrics_by_group"].write_text(json.dumps(groups, indent=1))
+        print(f"by {group_by}:")
+        print(format_group_table(groups))
     for name, path in paths.items():
         print(f"{name}: {path}")
     _log(cfg, metrics, paths)

@@ -13,6 +13,8 @@ Files written by :func:`write_outputs`:
 * ``predictions_atoms.csv``: one row per atom: ``frame_id, atom, element, fx_dft, fy_dft,
   fz_dft, fx_pred, fy_pred, fz_pred`` (eV/Å);
 * ``metrics.json``: the numbers of :func:`compute_metrics`;
+* ``metrics_by_group.json`` (with ``group_by``): the same numbers per frame group
+  (:func:`metrics_by_group`, groups read by :func:`frame_groups`);
 * ``parity.png``: predicted vs DFT energy per atom and force components (and virial components
   per atom when the data has virials).
 """
@@ -37,7 +39,10 @@ from rlekf.data.dataset import AtomsDataset, collate_atoms
 __all__ = [
     "EvalResult",
     "compute_metrics",
+    "format_group_table",
     "format_metrics",
+    "frame_groups",
+    "metrics_by_group",
     "parity_plot",
     "predict",
     "read_frames_csv",
@@ -51,6 +56,7 @@ FRAMES_CSV = "predictions_frames.csv"
 ATOMS_CSV = "predictions_atoms.csv"
 PARITY_PNG = "parity.png"
 METRICS_JSON = "metrics.json"
+GROUPS_JSON = "metrics_by_group.json"
 
 #: 1 eV/Å^3 in GPa.
 EV_PER_A3_IN_GPA = 160.21766208
@@ -200,8 +206,9 @@ def compute_metrics(result: EvalResult) -> dict[str, float]:
     """Energy errors per atom (eV/atom) and force errors (eV/Å), overall and per element.
 
     Returns:
-        ``n_frames``, ``n_atoms``, ``energy_rmse``, ``energy_mae`` (over frames, of
-        (E_pred − E_dft)/n), ``force_rmse``, ``force_mae`` (over all Cartesian components),
+        ``n_frames``, ``n_atoms``, ``energy_rmse``, ``energy_mae``, ``energy_mean_error``
+        (over frames, of (E_pred − E_dft)/n: the mean is the constant offset), ``force_rmse``,
+        ``force_mae`` (over all Cartesian components),
         and ``force_rmse/<El>``, ``force_mae/<El>`` over the atoms of each element. When
         frames with virial labels were evaluated: ``n_virial_frames``, ``virial_rmse``,
         ``virial_mae`` (eV/atom, of (W_pred − W_dft)/n over their 9 components) and
@@ -214,6 +221,7 @@ def compute_metrics(result: EvalResult) -> dict[str, float]:
         "n_atoms": float(result.n_atoms.sum()),
         "energy_rmse": _rmse(e_err),
         "energy_mae": _mae(e_err),
+        "energy_mean_error": float(np.mean(e_err)) if e_err.size else math.nan,
         "force_rmse": _rmse(f_err),
         "force_mae": _mae(f_err),
     }
@@ -230,6 +238,86 @@ def compute_metrics(result: EvalResult) -> dict[str, float]:
         out["stress_rmse"] = _rmse(s_err)
         out["stress_mae"] = _mae(s_err)
     return out
+
+
+def subset(result: EvalResult, frames: np.ndarray) -> EvalResult:
+    """The frames ``frames`` ((B,) bool) of ``result`` with their atoms, in the same order."""
+    frames = np.asarray(frames, dtype=bool)
+    atoms = frames[result.atom_frame]
+    new_pos = np.cumsum(frames) - 1  # old frame position -> new one
+    pick = np.flatnonzero(frames)
+
+    def opt(a):
+        return None if a is None else a[pick]
+
+    return EvalResult(
+        frame_id=result.frame_id[pick],
+        source=[result.source[i] for i in pick],
+        index=result.index[pick],
+        n_atoms=result.n_atoms[pick],
+        energy_dft=result.energy_dft[pick],
+        energy_pred=result.energy_pred[pick],
+        atom_frame=new_pos[result.atom_frame[atoms]],
+        symbols=result.symbols[atoms],
+        forces_dft=result.forces_dft[atoms],
+        forces_pred=result.forces_pred[atoms],
+        has_virial=opt(result.has_virial),
+        virial_dft=opt(result.virial_dft),
+        virial_pred=opt(result.virial_pred),
+        volume=opt(result.volume),
+    )
+
+
+def frame_groups(result: EvalResult, key: str) -> list[str]:
+    """The group of every evaluated frame: the ``key`` entry of its ASE ``info``.
+
+    Read again from each frame's file with :func:`ase.io.read` (extxyz comment-line keys such as
+    mlearn's ``group`` or ``config_type``); a frame without the key is in group ``"-"``.
+
+    Raises:
+        ValueError: a file ASE cannot read, naming it.
+    """
+    from ase.io import read
+
+    cache: dict[str, list[Any]] = {}
+    out = []
+    for src, idx in zip(result.source, result.index.tolist(), strict=True):
+        if src not in cache:
+            try:
+                cache[src] = read(src, index=":")
+            except Exception as exc:  # noqa: BLE001 (any reader error: name the file)
+                raise ValueError(
+                    f"{src}: cannot read frame groups ({key!r}) with ASE: {exc}"
+                ) from exc
+        frames = cache[src]
+        if not 0 <= idx < len(frames):
+            raise ValueError(f"{src}: frame {idx} is not in the file ({len(frames)} frames)")
+        out.append(str(frames[idx].info.get(key, "-")))
+    return out
+
+
+def metrics_by_group(result: EvalResult, groups: Iterable[str]) -> dict[str, dict[str, float]]:
+    """:func:`compute_metrics` over the frames of each group (``groups``: one per frame)."""
+    labels = np.asarray(list(groups), dtype=object)
+    if len(labels) != len(result.n_atoms):
+        raise ValueError(f"{len(labels)} group labels for {len(result.n_atoms)} frames")
+    return {g: compute_metrics(subset(result, labels == g)) for g in sorted(set(labels.tolist()))}
+
+
+def format_group_table(groups: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table of per-group MAE and RMSE (energy meV/atom, force eV/Å)."""
+    lines = [
+        "| group | frames | energy MAE (meV/atom) | energy RMSE | mean energy error | "
+        "force MAE (eV/Å) | force RMSE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for g, m in groups.items():
+        lines.append(
+            f"| {g} | {int(m['n_frames'])} | {1e3 * m['energy_mae']:.3g} | "
+            f"{1e3 * m['energy_rmse']:.3g} | {1e3 * m['energy_mean_error']:+.3g} | "
+            f"{m['force_mae']:.3g} | {m['force_rmse']:.3g} |"
+        )
+    return "\n".join(lines)
 
 
 def virial_errors(result: EvalResult) -> tuple[np.ndarray, np.ndarray] | None:
@@ -262,6 +350,8 @@ def format_metrics(
     lines.append(f"frames: {int(metrics['n_frames'])}, atoms: {int(metrics['n_atoms'])}")
     lines.append(f"energy RMSE: {metrics['energy_rmse']:.6g} eV/atom")
     lines.append(f"energy MAE:  {metrics['energy_mae']:.6g} eV/atom")
+    if "energy_mean_error" in metrics:
+        lines.append(f"energy mean error: {metrics['energy_mean_error']:+.6g} eV/atom")
     lines.append(f"force RMSE:  {metrics['force_rmse']:.6g} eV/Å")
     lines.append(f"force MAE:   {metrics['force_mae']:.6g} eV/Å")
     for key in sorted(k for k in metrics if k.startswith("force_rmse/")):

@@ -206,3 +206,39 @@ def test_bad_inputs_give_clear_errors(trained, tmp_path):
     )
     with pytest.raises(ValueError, match="split must be one of"):
         evaluate(cfg)
+
+
+def test_eval_group_by_reports_each_frame_group(trained, tmp_path, capsys):
+    import json
+
+    from ase.io import write
+
+    from tests.helpers.frames import cu_frame
+
+    frames = []
+    for i, g in enumerate(["hot", "cold", "hot"]):
+        atoms = cu_frame(2, rattle=0.05 + 0.1 * (g == "hot"), seed=i).to_atoms()
+        atoms.info["group"] = g
+        frames.append(atoms)
+    path = tmp_path / "grouped.extxyz"
+    write(path, frames, format="extxyz")
+    overrides = [
+        f"ckpt_path={trained[0]}",
+        "data=xyz",
+        f"data.path={path}",
+        "data.fmt=extxyz",
+        "split=all",
+        "group_by=group",
+        "progress=false",
+    ]
+    metrics = evaluate(compose_cfg("eval", overrides, tmp_path / "ev"))
+    groups = json.loads((tmp_path / "ev" / "metrics_by_group.json").read_text())
+    assert sorted(groups) == ["cold", "hot"]
+    assert (groups["hot"]["n_frames"], groups["cold"]["n_frames"]) == (2, 1)
+    frame_csv = read_frames_csv(tmp_path / "ev" / "predictions_frames.csv")
+    err = frame_csv["energy_per_atom_pred"] - frame_csv["energy_per_atom_dft"]
+    hot = np.array([0, 2])  # frames are evaluated in file order here
+    assert groups["hot"]["energy_mae"] == pytest.approx(np.mean(np.abs(err[hot])), rel=1e-12)
+    assert groups["cold"]["energy_mae"] == pytest.approx(abs(err[1]), rel=1e-12)
+    assert metrics["energy_mean_error"] == pytest.approx(np.mean(err), rel=1e-12)
+    assert "| hot | 2 |" in capsys.readouterr().out
