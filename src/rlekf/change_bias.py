@@ -25,7 +25,12 @@ from rlekf.data.neighbors import NeighborOverflowError
 from rlekf.data.readers import DataError
 from rlekf.evaluation import select_frames
 from rlekf.export import load_checkpoint_with_info
-from rlekf.finetune import BiasChange, change_bias_checkpoint, refit_energy_bias
+from rlekf.finetune import (
+    BiasChange,
+    change_bias_checkpoint,
+    load_raw_checkpoint,
+    refit_energy_bias,
+)
 from rlekf.utils.instantiate import CONFIG_DIR
 from rlekf.utils.io import atomic_write
 
@@ -74,7 +79,7 @@ def change_bias(cfg: DictConfig) -> tuple[BiasChange, Path]:
     change = refit_energy_bias(
         model, dataset, batch_size=int(cfg.get("batch_size", 8)), device=device
     )
-    raw = torch.load(ckpt, map_location="cpu", weights_only=not trust, mmap=True)
+    raw = load_raw_checkpoint(ckpt, trust_checkpoint=trust)
     new = change_bias_checkpoint(raw, change, source=str(ckpt), split=split)
     out = Path(str(cfg.output)) if cfg.get("output") else default_output(ckpt)
     atomic_write(out, lambda fh: torch.save(new, fh))

@@ -43,6 +43,7 @@ __all__ = [
     "element_counts",
     "fit_bias_correction",
     "init_optimizer",
+    "load_raw_checkpoint",
     "predict_energies",
     "read_init_checkpoint",
     "refit_energy_bias",
@@ -323,6 +324,16 @@ class InitCheckpoint:
         return {k: copy.deepcopy(self.model_config[k]) for k in keys}
 
 
+def load_raw_checkpoint(path: PathLike, *, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """The ``torch.load`` dict of a checkpoint already validated by
+    :func:`rlekf.export.load_checkpoint_with_info` (memory-mapped where the file allows it,
+    so a large ``P`` is read only when used; ``weights_only`` unless trusted)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint, mmap=True)
+    except RuntimeError:  # a file of the legacy (non-zip) format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+
+
 def read_init_checkpoint(path: PathLike, *, trust_checkpoint: bool = False) -> InitCheckpoint:
     """Read a checkpoint written by ``rlekf-train`` for fine-tuning.
 
@@ -333,7 +344,7 @@ def read_init_checkpoint(path: PathLike, *, trust_checkpoint: bool = False) -> I
 
     path = Path(path)
     model, config, _ = load_checkpoint_with_info(path, "cpu", trust_checkpoint=trust_checkpoint)
-    raw = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint, mmap=True)
+    raw = load_raw_checkpoint(path, trust_checkpoint=trust_checkpoint)
     states = raw.get("optimizer_states") or []
     epoch = raw.get("epoch")
     return InitCheckpoint(
@@ -375,14 +386,17 @@ _RUN_HYPERPARAMETERS = ("lambda0", "nu", "p0", "symmetrize_every")
 
 
 def validate_finetune_options(
-    covariance: str, inflate: float | None, lambda0: float | None
+    covariance: str, inflate: float | None, lambda0: float | None, bias: str = "keep"
 ) -> None:
-    """Check the ``finetune.*`` options of :func:`init_optimizer`.
+    """Check the ``finetune.*`` options (those of :func:`init_optimizer`, and ``bias``).
 
     Raises:
         ValueError: an unknown policy, ``inflate`` missing (or not positive) with the
-            ``inflate`` policy or given with another, ``lambda0`` outside ``(0, 1]``.
+            ``inflate`` policy or given with another, ``lambda0`` outside ``(0, 1]``, ``bias``
+            neither ``keep`` nor ``refit``.
     """
+    if bias not in ("keep", "refit"):
+        raise ValueError(f"finetune.bias must be keep or refit, got {bias!r}")
     if covariance not in COVARIANCE_POLICIES:
         raise ValueError(
             f"finetune.covariance must be one of {COVARIANCE_POLICIES}, got {covariance!r}"

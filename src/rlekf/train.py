@@ -100,8 +100,9 @@ def _finetune_start(cfg: DictConfig) -> tuple[Any, Any, Any]:
 
     ft = cfg.get("finetune") or {}
     path = str(cfg.ckpt_init)
+    bias = str(ft.get("bias", "keep"))
     validate_finetune_options(
-        str(ft.get("covariance", "keep")), ft.get("inflate"), ft.get("lambda0")
+        str(ft.get("covariance", "keep")), ft.get("inflate"), ft.get("lambda0"), bias
     )
     init = read_init_checkpoint(path, trust_checkpoint=bool(ft.get("trust_checkpoint", False)))
     config = init.model_config
@@ -135,17 +136,16 @@ def _finetune_start(cfg: DictConfig) -> tuple[Any, Any, Any]:
             ) from exc
         raise
     model = init.model
-    record = {"ckpt_init": path, "epoch": init.epoch, **OmegaConf.to_container(ft)}
+    options = OmegaConf.to_container(ft) if isinstance(ft, DictConfig) else dict(ft)
+    record = {"ckpt_init": path, "epoch": init.epoch, **options}
     record.pop("trust_checkpoint", None)
     if cfg.get("ckpt_path"):
         log.info("ckpt_path given: resuming that run (ckpt_init %s only fixes the model)", path)
-    elif str(ft.get("bias", "keep")) == "refit":
+    elif bias == "refit":
         change = refit_energy_bias(model, datamodule.datasets["train"])
         log.info("energy bias refitted on the training split:\n%s", change.summary())
         print(f"energy bias refitted on the training split:\n{change.summary()}")
         record["bias_change"] = change.record()
-    elif str(ft.get("bias", "keep")) != "keep":
-        raise ValueError(f"finetune.bias must be keep or refit, got {ft.get('bias')!r}")
     callback = FineTuneInit(
         init.optimizer_state,
         record,

@@ -144,3 +144,22 @@ def test_change_bias_command_line_translation():
     from pathlib import Path
 
     assert default_output(Path("runs/last.ckpt")) == Path("runs/last_bias.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("forget", None, None), "covariance must be one of"),
+        (("inflate", None, None), "inflate needs finetune.inflate > 0"),
+        (("inflate", -2.0, None), "inflate needs finetune.inflate > 0"),
+        (("keep", 2.0, None), "only used with finetune.covariance=inflate"),
+        (("keep", None, 1.5), "lambda0 must be in"),
+        (("keep", None, None, "fit"), "bias must be keep or refit"),
+    ],
+)
+def test_finetune_options_are_checked(options, message):
+    from rlekf.finetune import validate_finetune_options
+
+    with pytest.raises(ValueError, match=message):
+        validate_finetune_options(*options)
+    validate_finetune_options("inflate", 3.0, 0.99, "refit")  # a valid set passes
