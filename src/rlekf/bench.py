@@ -349,6 +349,9 @@ def run_training(
         "extras.print_config=false",
         f"seed={seed}",
         "trainer.max_epochs=100000",
+        # the budget binds even inside the first epoch (the default min_epochs=1 would run a
+        # whole epoch past it); the cut epoch counts as the fraction it ran
+        "trainer.min_epochs=0",
         f"+trainer.max_time={_dhms(budget_s)}",
         "~callbacks.rich_progress_bar",
         "~callbacks.parity_plots",
