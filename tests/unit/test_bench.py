@@ -415,3 +415,23 @@ def test_batch_preset_runs_one_data_preset_in_rows_per_batch_size(tmp_path, monk
     assert [c[2][-1] for c in calls] == [f"data.batch_size={b}" for b in (1, 4, 16)]
     rows = list(csv.DictReader(open(next((tmp_path / "out").glob("*.csv")))))
     assert [r["dataset"] for r in rows] == [f"cu_pwmat_bs{b}" for b in (1, 4, 16)]
+
+
+def test_run_training_lets_the_budget_cut_the_first_epoch(tmp_path, monkeypatch):
+    """min_epochs=0: Lightning's max_time stops a run inside its first epoch (the trainer
+    default min_epochs=1 would run the whole epoch past the budget)."""
+    import subprocess
+
+    import rlekf.bench as bench
+
+    seen = {}
+
+    def fake(cmd, **kw):
+        seen["code"] = cmd[-1]
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake)
+    bench.run_training("cu_emt", "rlekf", ["trainer=cpu"], 30, tmp_path / "r")
+    code = seen["code"]
+    assert "'trainer.min_epochs=0'" in code and "'+trainer.max_time=00:00:00:30'" in code
+    assert code.index("'trainer.min_epochs=0'") < code.index("'trainer=cpu'")  # overridable
