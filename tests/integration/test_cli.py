@@ -56,6 +56,7 @@ def test_every_console_script_is_covered():
         "rlekf-eval",
         "rlekf-export",
         "rlekf-md",
+        "rlekf-otf",
         "rlekf-report",
         "rlekf-train",
     ]
