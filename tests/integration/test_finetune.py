@@ -341,3 +341,21 @@ def test_finetune_from_a_checkpoint_written_by_a_training_run(tmp_path, data_dir
         assert torch.equal(got, ref)
     written = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert (written["epoch"], written["global_step"]) == (0, 10)
+
+
+@pytest.mark.slow
+def test_resuming_a_finetuned_run_restores_its_own_state(source, tmp_path, data_dir):
+    """The fine-tune command plus ``ckpt_path=`` resumes that run: its weights, P and epoch,
+    not the ``ckpt_init`` checkpoint's."""
+    path, _ = source
+    _finetune(tmp_path / "ft", data_dir, path)
+    last = tmp_path / "ft" / "checkpoints" / "last.ckpt"
+    ft = torch.load(last, map_location="cpu", weights_only=True)
+    cap, _ = _finetune(
+        tmp_path / "res", data_dir, path, f"ckpt_path={last}", "trainer.max_epochs=2"
+    )
+    assert cap.epoch == 1 and cap.step == ft["global_step"]
+    for k, v in ft["state_dict"].items():
+        assert torch.equal(cap.w0[k[len("model.") :]], v), k
+    for got, ref in zip(cap.p0, state_covariance(ft["optimizer_states"][0]), strict=True):
+        assert torch.equal(got, ref)
