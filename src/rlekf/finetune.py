@@ -212,6 +212,25 @@ def _as_dataset(model: DeepPotential, frames: AtomsDataset | Sequence[Frame]) ->
     return AtomsDataset(frames, model.type_map, model.rcut, model.sel, dtype=model.dtype)
 
 
+def _check_type_map(dataset: AtomsDataset, type_map: Sequence[str]) -> None:
+    """Refuse a data set whose type indices are not ``type_map``'s (built for another model)."""
+    from ase.data import chemical_symbols
+
+    pairs = set()
+    for it in dataset.items:
+        pairs |= set(zip(it[K.NUMBERS].tolist(), it[K.TYPES].tolist(), strict=True))
+    wrong = sorted(
+        (chemical_symbols[z], t)
+        for z, t in pairs
+        if not (0 <= t < len(type_map) and type_map[t] == chemical_symbols[z])
+    )
+    if wrong:
+        raise ValueError(
+            f"the data set was built with another type map than the model's {list(type_map)} "
+            f"(element, type index): {wrong}; build it with the model's type_map, rcut and sel"
+        )
+
+
 def refit_energy_bias(
     model: DeepPotential,
     frames: AtomsDataset | Sequence[Frame],
@@ -239,6 +258,7 @@ def refit_energy_bias(
         The old and new bias and the energy RMSE before and after (:class:`BiasChange`).
     """
     dataset = _as_dataset(model, frames)
+    _check_type_map(dataset, model.type_map)
     n_types = model.ntypes
     counts = element_counts(dataset, n_types)
     labels = np.array([float(it[K.ENERGY][0]) for it in dataset.items], dtype=np.float64)

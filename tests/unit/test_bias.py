@@ -163,3 +163,15 @@ def test_finetune_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         validate_finetune_options(*options)
     validate_finetune_options("inflate", 3.0, 0.99, "refit")  # a valid set passes
+
+
+def test_refit_refuses_a_data_set_of_another_type_map():
+    from rlekf.data.dataset import AtomsDataset
+    from rlekf.models import DeepPotential
+
+    model = DeepPotential(
+        ["Cu", "Au"], rcut=4.0, sel=[30, 30], embedding=[4, 8], fitting=[8], axis_neuron=2, seed=0
+    )
+    ds = AtomsDataset(_frames()[:2], ["Au", "Cu"], model.rcut, model.sel)
+    with pytest.raises(ValueError, match="another type map"):
+        refit_energy_bias(model, ds)
