@@ -1,0 +1,89 @@
+"""The mlearn Si table from ``bench/cpu/si_mlearn_table.sh OUT``: test-split MAE/RMSE per group.
+
+    .venv/bin/python bench/cpu/si_mlearn_table.py OUT [--md OUT/table.md]
+
+Per optimizer (mean ± std over seeds) and per mlearn group: energy MAE/RMSE (meV/atom), the
+mean energy error (the constant offset) and force MAE/RMSE (eV/Å) of the best checkpoint (by
+validation force RMSE) as trained (``raw``) and with the energy bias refitted on the training
+split (``bias``), beside the published test MAE of GAP and MTP (Zuo et al., J. Phys. Chem. A
+124, 731 (2020), as given in ``../shared/data/si_mlearn/SOURCE.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+#: published test MAE on the same split (energy meV/atom, force eV/Å), from SOURCE.md
+PUBLISHED = {"GAP": (2.91, 0.07), "MTP": (2.21, 0.06)}
+GROUPS = ("all", "AIMD-NVT", "Elastic", "Surface", "Vacancy")
+
+
+def _cell(values: list[float], scale: float = 1.0, spec: str = ".3g") -> str:
+    v = [scale * x for x in values]
+    if not v:
+        return "n/a"
+    if len(v) == 1:
+        return f"{v[0]:{spec}}"
+    return f"{statistics.mean(v):{spec}} ± {statistics.stdev(v):{spec}}"
+
+
+def collect(out: Path) -> dict[tuple[str, str, str], dict[str, list[float]]]:
+    """(optim, variant, group) -> metric -> values over seeds."""
+    table: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for run in sorted((out / "work" / "si_mlearn").glob("seed*/*/")):
+        optim = run.name
+        for variant in ("raw", "bias"):
+            folder = run / f"test_{variant}"
+            if not (folder / "metrics.json").exists():
+                continue
+            per = {"all": json.loads((folder / "metrics.json").read_text())}
+            groups = folder / "metrics_by_group.json"
+            if groups.exists():
+                per.update(json.loads(groups.read_text()))
+            for g, m in per.items():
+                for k in ("energy_mae", "energy_rmse", "energy_mean_error", "force_mae"):
+                    table[(optim, variant, g)][k].append(m[k])
+                table[(optim, variant, g)]["force_rmse"].append(m["force_rmse"])
+    return table
+
+
+def report(out: Path) -> str:
+    table = collect(out)
+    lines = [
+        "| model | bias | group | seeds | energy MAE (meV/atom) | energy RMSE | mean energy "
+        "error | force MAE (eV/Å) | force RMSE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (e, f) in PUBLISHED.items():
+        lines.append(f"| {name} (published) | | all | | {e} | | | {f} | |")
+    for (optim, variant, g), m in sorted(
+        table.items(), key=lambda kv: (kv[0][0], kv[0][1], GROUPS.index(kv[0][2]))
+    ):
+        lines.append(
+            f"| {optim} | {'training-split refit' if variant == 'bias' else 'as trained'} | {g} "
+            f"| {len(m['energy_mae'])} | {_cell(m['energy_mae'], 1e3)} | "
+            f"{_cell(m['energy_rmse'], 1e3)} | {_cell(m['energy_mean_error'], 1e3, '+.3g')} | "
+            f"{_cell(m['force_mae'])} | {_cell(m['force_rmse'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--md", type=Path, default=None)
+    args = ap.parse_args()
+    text = report(args.out)
+    print(text)
+    if args.md:
+        args.md.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
