@@ -229,3 +229,12 @@ def test_forgetting_one_only_shrinks_p(ckpt, lam):
         assert ratio.max() > 1.01
     with pytest.raises(ValueError, match="forgetting"):
         set_forgetting(opt, 1.5)
+
+
+def test_train_virial_assimilates_the_reference_stress(ckpt, tmp_path):
+    """With train_virial every call adds one virial measurement (EMT gives a stress) and the
+    final checkpoint says it was fitted to virials."""
+    res, _ = _run(ckpt, tmp_path, 0.0, steps=2, updater={**FAST, "train_virial": True})
+    assert res.n_calls == 2 and res.kalman_updates == 2 * (1 + 1 + 2)
+    assert torch.load(res.checkpoint, weights_only=True)["trained_on_virials"] is True
+    assert DPCalculator.from_checkpoint(res.checkpoint).trained_on_virials is True
