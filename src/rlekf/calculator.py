@@ -128,7 +128,17 @@ class DPCalculator(Calculator):
             kalman = KalmanUncertainty.from_checkpoint(
                 path, model, force_estimator=force_estimator, trust_checkpoint=trust_checkpoint
             )
-        calc = cls(
+        calc = cls.from_loaded(model, config, info, device=device, **kwargs)
+        calc.uncertainty = kalman
+        return calc
+
+    @classmethod
+    def from_loaded(
+        cls, model, config: dict, info: dict, device: str = "cpu", **kwargs: Any
+    ) -> DPCalculator:
+        """A calculator for a model already loaded by
+        :func:`rlekf.export.load_checkpoint_with_info` (its ``model, config, info``)."""
+        return cls(
             model,
             type_map=config["type_map"],
             rcut=config["rcut"],
@@ -138,8 +148,6 @@ class DPCalculator(Calculator):
             trained_on_virials=info["trained_on_virials"],
             **kwargs,
         )
-        calc.uncertainty = kalman
-        return calc
 
     @classmethod
     def from_file(

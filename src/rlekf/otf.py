@@ -490,15 +490,7 @@ def run_otf(
     kalman = KalmanUpdater(**{"seed": seed, **dict(updater or {})})
     if "updater_state" in source and "generator" in source["updater_state"]:
         kalman.load_state_dict(source["updater_state"])
-    calc = DPCalculator(
-        model,
-        type_map=config["type_map"],
-        rcut=config["rcut"],
-        sel=config["sel"],
-        dtype=model.dtype,
-        device=device,
-        trained_on_virials=info["trained_on_virials"],
-    )
+    calc = DPCalculator.from_loaded(model, config, info, device=device)
 
     atoms = atoms.copy()
     atoms.calc = calc
