@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Kalman-speed measurements of the README (idle machine: nothing else running):
-# 1. whole-model Kalman update, new storage vs the full-storage path, float64/float32, tiles;
+# 1. whole-model Kalman update, new storage (fused Numba and torch kernels) vs the full-storage
+#    path, float64/float32, tiles;
 # 2. DeePMD-kit's default-size water model with float32 P (needs ~11 GiB);
 # 3. the training-step profile on cu_pwmat (paper, fused, Adam).
 set -euo pipefail

@@ -42,6 +42,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -487,6 +488,7 @@ def microbench(
     models: tuple[str, ...] = ("Cu", "H2O"),
     tiles: tuple[int | None, ...] = (None,),
     full: bool = True,
+    kernels: tuple[str, ...] = ("auto",),
 ) -> list[dict[str, Any]]:
     """Time per RLEKF update of a whole model's covariance, against the full-storage path.
 
@@ -508,6 +510,7 @@ def microbench(
         models: keys of :data:`MICRO_MODELS`.
         tiles: tile edges (``None``: the optimizer's default).
         full: also time the full-storage path.
+        kernels: RLEKF ``kernel`` values (``"fused"``, ``"torch"``, ``"auto"``), one row each.
     """
     from rlekf.models import DeepPotential
     from rlekf.optim import RLEKF
@@ -531,13 +534,18 @@ def microbench(
         for p_dtype in p_dtypes:
             for bs in block_sizes:
                 t_full = None
-                for tile in tiles:
+                for tile, kernel in itertools.product(tiles, kernels):
                     if cuda:
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(device)
                     extra = {} if tile is None else {"tile": tile}
                     opt = RLEKF(
-                        params, block_size=bs, p_dtype=p_dtype, symmetrize_every=0, **extra
+                        params,
+                        block_size=bs,
+                        p_dtype=p_dtype,
+                        symmetrize_every=0,
+                        kernel=kernel,
+                        **extra,
                     )
                     sizes = opt.block_sizes
                     for _ in range(2):
@@ -550,6 +558,7 @@ def microbench(
                         "block_size": bs,
                         "n_blocks": len(sizes),
                         "tile": opt.tile,
+                        "kernel": opt.kernel,
                         "p_gib": opt.p_bytes / 2**30,
                         "ms_per_update": 1e3 * t,
                         "gb_moved": moved / 1e9,
@@ -599,6 +608,7 @@ def microbench(
                     rows.append(row)
                     print(
                         f"[bench] micro {name} bs={bs} {p_dtype} tile={row['tile']} "
+                        f"kernel={row['kernel']} "
                         f"{device.type}: {row['ms_per_update']:.2f} ms/update "
                         f"({row['achieved_over_bound']:.2f} of the bound)"
                         + (f", full path {1e3 * t_full:.2f} ms" if t_full is not None else "")
@@ -814,6 +824,10 @@ def write_report(
         if extra:
             head += " P dtype |"
             sep += "---|"
+        kernel_col = any("kernel" in m for m in micro)
+        if kernel_col:
+            head += " kernel |"
+            sep += "---|"
         full_col = any("full_ms_per_update" in m for m in micro)
         if full_col:
             head += " tile | full path ms/update | full path achieved/bound | speed-up |"
@@ -837,6 +851,8 @@ def write_report(
             )
             if extra:
                 line += f" {m.get('p_dtype', '')} |"
+            if kernel_col:
+                line += f" {m.get('kernel', '')} |"
             if full_col:
                 if "full_ms_per_update" in m:
                     line += (
@@ -993,6 +1009,13 @@ def main(argv: list[str] | None = None) -> int:
         "--micro-tiles", type=int, nargs="*", default=None, help="tile edges (default: 256)"
     )
     parser.add_argument(
+        "--micro-kernels",
+        nargs="*",
+        default=["fused", "torch"],
+        choices=["auto", "fused", "torch"],
+        help="RLEKF sweep kernels, one row each (default: fused and torch)",
+    )
+    parser.add_argument(
         "--no-full-path",
         action="store_true",
         help="do not time the full-storage path beside (it needs sum n^2 elements of memory)",
@@ -1084,6 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
             models=tuple(args.micro_models),
             tiles=tuple(args.micro_tiles) if args.micro_tiles else (None,),
             full=not args.no_full_path,
+            kernels=tuple(args.micro_kernels),
         )
     )
     rows = summarize(runs)

@@ -33,9 +33,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from rlekf.optim import tile_kernel
+
 __all__ = [
     "DEFAULT_TILE",
     "DEFAULT_TILE_CUDA",
+    "KERNELS",
     "TileGroup",
     "lower_tile_numel",
     "pack_lower_tiles",
@@ -48,6 +51,8 @@ __all__ = [
 # tiles: each tile costs three kernel launches).
 DEFAULT_TILE = 256
 DEFAULT_TILE_CUDA = 2048
+# sweep implementations of a TileGroup
+KERNELS = ("torch", "fused")
 
 
 def tile_edges(n: int, tile: int) -> list[tuple[int, int]]:
@@ -133,6 +138,9 @@ class TileGroup:
         dtype: Storage dtype of ``S`` (float64 or float32).
         device: Where ``S`` lives.
         diag: Initial value of the diagonal (``S = diag * I``).
+        kernel: ``"torch"`` (three library calls per tile, any device) or ``"fused"`` (one
+            compiled loop nest per sweep, :mod:`rlekf.optim.tile_kernel`; CPU only, needs
+            Numba).
     """
 
     def __init__(
@@ -143,9 +151,12 @@ class TileGroup:
         dtype: torch.dtype,
         device: torch.device | str,
         diag: float = 1.0,
+        kernel: str = "torch",
     ) -> None:
         if count <= 0:
             raise ValueError(f"TileGroup needs count > 0, got {count}")
+        if kernel not in KERNELS:
+            raise ValueError(f"Invalid kernel: {kernel!r} (expected one of {KERNELS})")
         self.n, self.count, self.tile = int(n), int(count), int(tile)
         self.layout = _layout(self.n, self.tile)
         self.numel = lower_tile_numel(self.n, self.tile)
@@ -161,6 +172,14 @@ class TileGroup:
             t.diagonal(dim1=1, dim2=2).fill_(diag)
         self._tile_views = _TileViews(self)
         self._vectors: dict[tuple[str, int], _TileVectors] = {}
+        self.kernel = kernel
+        if kernel == "fused":
+            if self.buffer.device.type != "cpu":
+                raise ValueError("the fused tile kernel runs on the CPU only (kernel='torch')")
+            if not tile_kernel.available():
+                raise ImportError("the fused tile kernel needs Numba (pip install numba)")
+            self._lay = tile_kernel.layout_arrays(self.layout)
+            self._bounds = tile_kernel.chunk_bounds(self._lay, self.count)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -207,7 +226,8 @@ class TileGroup:
                 only diagonal tiles can drift from symmetry through rounding).
 
         Returns:
-            ``Y = S H`` (after the correction), ``(B, n, k)`` in the storage dtype (a copy).
+            ``Y = S H`` (after the correction), ``(B, n, k)`` in the storage dtype (float64
+            with the fused kernel), a copy.
         """
         B, n, k = H.shape
         if B != self.count or n != self.n:
@@ -223,13 +243,20 @@ class TileGroup:
         """:meth:`sweep_` with ``H`` given and ``Y`` returned as ``(B, k, n)`` rows.
 
         Returns:
-            ``Y`` in the storage dtype: the group's persistent ``"Y"`` buffer for this ``k``
-            (overwritten by the next sweep with the same ``k``; copy it to keep it).
+            ``Y``: with the torch kernel in the storage dtype, the group's persistent ``"Y"``
+            buffer for this ``k`` (overwritten by the next sweep with the same ``k``; copy it
+            to keep it); with the fused kernel a new float64 tensor (accumulated in float64).
         """
         B, k, n = Hk.shape
         if B != self.count or n != self.n:
             raise ValueError(
                 f"sweep_rows_: H has shape {tuple(Hk.shape)}, expected ({self.count}, k, {self.n})"
+            )
+        if self.kernel == "fused":
+            pending = None if V is None else V.buf
+            H64 = Hk.to(torch.float64).contiguous()
+            return tile_kernel.sweep(
+                self.buffer, self._lay, self._bounds, H64, pending, symmetrize
             )
         hv = self.vectors(k, "H")
         yv = self.vectors(k, "Y")
@@ -266,6 +293,9 @@ class TileGroup:
         Uses the kernels a sweep would use for the same ``V``, so flushing and leaving the
         correction to the next sweep give the same bits.
         """
+        if self.kernel == "fused":
+            tile_kernel.apply(self.buffer, self._lay, self._bounds, V.buf)
+            return
         for i in range(len(self.layout)):
             _correct_(self._tile_views, V, i)
 
