@@ -92,6 +92,9 @@ def load_presets(directory: Path | str | None = None) -> dict[str, dict[str, Any
     (``configs/data/<data>.yaml``; default: the row name), so that one data set can appear in
     several rows, e.g. at several batch sizes).
 
+    ``"targets"`` (optional): absolute validation-RMSE targets fixed before the runs,
+    ``{"force": eV/Å, "energy": eV/atom}`` (either or both), reported beside the relative one.
+
     Raises:
         ValueError: A preset file without those keys (naming the file).
     """
@@ -107,14 +110,34 @@ def load_presets(directory: Path | str | None = None) -> dict[str, dict[str, Any
         ):
             raise ValueError(f"{path}: a bench preset needs budget_s, micro_blocks and datasets")
         for name, over in preset["datasets"].items():
-            if not isinstance(over, dict) or set(over) - {"all", "adam", "data"}:
+            if not isinstance(over, dict) or set(over) - {"all", "adam", "data", "targets"}:
                 raise ValueError(
-                    f"{path}: datasets.{name} takes the lists 'all' and 'adam' and a 'data' name"
+                    f"{path}: datasets.{name} takes the lists 'all' and 'adam', a 'data' name "
+                    "and 'targets'"
                 )
             entry: dict[str, Any] = {k: list(over.get(k) or []) for k in ("all", "adam")}
             entry["data"] = str(over.get("data") or name)
+            entry["targets"] = _fixed_targets(over.get("targets"), f"{path}: datasets.{name}")
             preset["datasets"][name] = entry
         out[path.stem] = preset
+    return out
+
+
+def _fixed_targets(value: Any, where: str) -> dict[str, float]:
+    """A preset row's ``targets``: ``{"force": x, "energy": y}`` with positive finite values."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or set(value) - {"force", "energy"}:
+        raise ValueError(f"{where}: targets takes 'force' (eV/Å) and 'energy' (eV/atom)")
+    out = {}
+    for q, v in value.items():
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = math.nan
+        if not (x > 0 and math.isfinite(x)):
+            raise ValueError(f"{where}: targets.{q} must be a positive number, got {v!r}")
+        out[q] = x
     return out
 
 
@@ -183,7 +206,38 @@ def _side_stats(side, index: int) -> tuple[float, float, int]:
     return mean_std([v[index] for v in side if v[index] is not None])
 
 
-def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
+def _target_columns(
+    row: dict[str, Any],
+    prefix: str,
+    adam: list[RunResult],
+    kalr: list[RunResult],
+    q: str,
+    target: float,
+) -> None:
+    """Row columns ``<prefix>_<crit>_...`` for one target: epochs / seconds to it per side
+    (mean, std, seeds that reached it, run totals) and the Adam / Kalman ratios."""
+    for crit in CRITERIA:
+        a_side = _pair_side(adam, q, target, crit)
+        k_side = _pair_side(kalr, q, target, crit)
+        for who, side in (("adam", a_side), ("kal", k_side)):
+            for what, i in (("epochs", 0), ("s", 2)):
+                m, sd, n = _side_stats(side, i)
+                key = f"{prefix}_{crit}_{who}_{what}"
+                row[key], row[f"{key}_std"], row[f"{key}_n"] = m, sd, n
+            row[f"{prefix}_{crit}_{who}_epochs_run"] = mean_std([v[1] for v in side])[0]
+            row[f"{prefix}_{crit}_{who}_s_run"] = mean_std([v[3] for v in side])[0]
+        for what, i, j in (("epoch", 0, 1), ("time", 2, 3)):
+            row[f"{prefix}_{crit}_{what}_ratio"] = ratio_of_means(
+                [v[i] for v in a_side],
+                [v[j] for v in a_side],
+                [v[i] for v in k_side],
+                [v[j] for v in k_side],
+            )
+
+
+def summarize(
+    runs: list[RunResult], fixed: dict[str, dict[str, float]] | None = None
+) -> list[dict[str, Any]]:
     """One row per data set and Kalman mode against Adam, over the seeds both ran.
 
     Per quantity (force, energy): the target (:data:`TARGET_FACTOR` × the best validation RMSE
@@ -193,7 +247,12 @@ def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
     seeds that reached it) and the Adam / Kalman ratios of the means
     (:func:`rlekf.runs.ratio_of_means`: bounds when one optimizer missed). Also final RMSEs,
     training seconds per whole epoch, epochs run and peak memory (means over seeds).
+
+    ``fixed``: per data set absolute targets set before the runs (``{"force": eV/Å,
+    "energy": eV/atom}``, from the preset's ``targets``); each gives the same columns under
+    ``<q>_fixed_...`` and its value in ``<q>_fixed_target``.
     """
+    fixed = fixed or {}
     rows = []
     for ds in dict.fromkeys(r.dataset for r in runs):
         ok = [r for r in runs if r.dataset == ds and r.curve]
@@ -216,24 +275,10 @@ def summarize(runs: list[RunResult]) -> list[dict[str, Any]]:
             for q in ("force", "energy"):
                 target = TARGET_FACTOR * best([r.curve for r in (*adam, *kalr)], q)
                 row[f"{q}_target"] = target
-                for crit in CRITERIA:
-                    a_side = _pair_side(adam, q, target, crit)
-                    k_side = _pair_side(kalr, q, target, crit)
-                    for who, side in (("adam", a_side), ("kal", k_side)):
-                        for what, i in (("epochs", 0), ("s", 2)):
-                            m, sd, n = _side_stats(side, i)
-                            key = f"{q}_{crit}_{who}_{what}"
-                            row[key], row[f"{key}_std"], row[f"{key}_n"] = m, sd, n
-                        row[f"{q}_{crit}_{who}_epochs_run"] = mean_std([v[1] for v in side])[0]
-                        row[f"{q}_{crit}_{who}_s_run"] = mean_std([v[3] for v in side])[0]
-                    for what, i, j in (("epoch", 0, 1), ("time", 2, 3)):
-                        ratio = ratio_of_means(
-                            [v[i] for v in a_side],
-                            [v[j] for v in a_side],
-                            [v[i] for v in k_side],
-                            [v[j] for v in k_side],
-                        )
-                        row[f"{q}_{crit}_{what}_ratio"] = ratio
+                _target_columns(row, q, adam, kalr, q, target)
+                if q in fixed.get(ds, {}):
+                    row[f"{q}_fixed_target"] = fixed[ds][q]
+                    _target_columns(row, f"{q}_fixed", adam, kalr, q, fixed[ds][q])
             for who, rs in (("adam", adam), ("kal", kalr)):
                 for key, values in (
                     ("final_force", [r.curve[-1].force_rmse for r in rs]),
@@ -790,6 +835,36 @@ def write_report(
                 f"{_mean_cell(r, f'adam_{key}', spec)} / {_mean_cell(r, f'kal_{key}', spec)}"
             )
         lines.append("| " + " | ".join(cells) + " |")
+    fixed_rows = [
+        (r, q)
+        for r in rows
+        if "note" not in r
+        for q in ("force", "energy")
+        if f"{q}_fixed_target" in r
+    ]
+    if fixed_rows:
+        lines += [
+            "",
+            "Absolute targets fixed before the runs (preset `targets`; validation RMSE, "
+            "criteria and cells as above):",
+            "",
+            "| data (Kalman mode) | quantity | target | stays: epochs Adam / Kalman (ratio) | "
+            "stays: train s Adam / Kalman (ratio) | first crossing: epoch / time ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r, q in fixed_rows:
+            unit = "eV/Å" if q == "force" else "eV/atom"
+            cells = [f"{r['dataset']} ({r['kalman']})", q, f"{r[f'{q}_fixed_target']:.3g} {unit}"]
+            for what, spec in (("epochs", ".3g"), ("s", ".0f")):
+                sides = [
+                    _reach_cell(r, f"{q}_fixed_stay_{who}", what, spec) for who in ("adam", "kal")
+                ]
+                ratio = r[f"{q}_fixed_stay_{'epoch' if what == 'epochs' else 'time'}_ratio"]
+                cells.append(f"{sides[0]} / {sides[1]} ({ratio})")
+            cells.append(
+                f"{r[f'{q}_fixed_first_epoch_ratio']} / {r[f'{q}_fixed_first_time_ratio']}"
+            )
+            lines.append("| " + " | ".join(cells) + " |")
     if trained and notes:
         lines += ["", *notes]
     if micro:
@@ -1110,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
             kernels=tuple(args.micro_kernels),
         )
     )
-    rows = summarize(runs)
+    rows = summarize(runs, {ds: over["targets"] for ds, over in preset["datasets"].items()})
     name = args.name or ("micro" if args.no_train else args.preset)
     md = write_report(
         args.out, name, budget, runs, rows, micro, tag=args.tag, device=device, notes=notes

@@ -435,3 +435,42 @@ def test_run_training_lets_the_budget_cut_the_first_epoch(tmp_path, monkeypatch)
     code = seen["code"]
     assert "'trainer.min_epochs=0'" in code and "'+trainer.max_time=00:00:00:30'" in code
     assert code.index("'trainer.min_epochs=0'") < code.index("'trainer=cpu'")  # overridable
+
+
+def test_fixed_targets_give_their_own_columns_bounds_and_table(tmp_path):
+    """An absolute target set before the runs: reached by Adam at epoch 3 (stays), by RLEKF
+    only in a lucky dip (first crossing at 1, never staying): an upper bound."""
+    adam = _run(tmp_path, "adam", [1.0, 0.5, 0.04, 0.03], [1.0] * 4, 1.0)
+    rlekf = _run(tmp_path, "rlekf", [0.04, 0.3, 0.2], [1.0] * 3, 5.0)
+    (row,) = summarize([adam, rlekf], {"cu": {"force": 0.05}})
+    assert row["force_fixed_target"] == 0.05 and "energy_fixed_target" not in row
+    assert row["force_fixed_stay_adam_epochs"] == 3 and row["force_fixed_stay_kal_epochs_n"] == 0
+    r = row["force_fixed_stay_epoch_ratio"]
+    assert r.bound == "<=" and r.value == pytest.approx(3 / 3)
+    first = row["force_fixed_first_epoch_ratio"]  # RLEKF's dip at epoch 1 counts as a crossing
+    assert first.bound == "=" and first.value == pytest.approx(3.0)
+    # the relative target (1.2 x best = 0.036) is independent of the fixed one
+    assert row["force_target"] == pytest.approx(1.2 * 0.03)
+    text = write_report(tmp_path / "out", "cu", 10, [adam, rlekf], [row], []).read_text()
+    assert "Absolute targets fixed before the runs" in text
+    assert "| cu (rlekf) | force | 0.05 eV/Å | 3 / never (ran 3 epochs) (≤ 1×) |" in text
+    assert (
+        summarize([adam, rlekf])[0].keys()
+        == {k: v for k, v in row.items() if "fixed" not in k}.keys()
+    )
+
+
+def test_preset_targets_are_validated(tmp_path):
+    from rlekf.bench import PRESETS, load_presets
+
+    assert PRESETS["full"]["datasets"]["si_mlearn"]["targets"] == {
+        "force": 0.06,
+        "energy": 2.21e-3,
+    }
+    assert PRESETS["quick"]["datasets"]["cu_emt"]["targets"] == {}
+    for bad in ("{force: -1}", "{forces: 0.1}", "{energy: abc}"):
+        (tmp_path / "p.yaml").write_text(
+            f"budget_s: 10\nmicro_blocks: [8]\ndatasets:\n  cu_emt:\n    targets: {bad}\n"
+        )
+        with pytest.raises(ValueError, match=r"p.yaml: datasets.cu_emt.*targets"):
+            load_presets(tmp_path)
