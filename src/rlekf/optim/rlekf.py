@@ -231,7 +231,7 @@ class RLEKF(Optimizer):
         weight_order: ``"output_major"`` (default) or ``"storage"`` (the order of checkpoints
             written before this option; loaded checkpoints keep their own order).
         kernel: How a sweep over the stored tiles runs: ``"fused"`` (one compiled Numba loop
-            nest per group, CPU only: every stored element read and written once, ~2.5x the
+            nest per group, CPU only: every stored element read and written once, ~2.8x the
             torch kernel on a Cu model), ``"torch"`` (three library calls per tile, any
             device) or ``"auto"`` (default: fused for a float64 ``P`` on the CPU when Numba
             is installed, else torch; float32 ``P`` keeps the torch kernel by default, see

@@ -126,9 +126,6 @@ def sweep(
 
 
 def apply(buffer: Tensor, lay: np.ndarray, bounds: np.ndarray, V: Tensor) -> None:
-    """``S <- S - V V^T`` in place, with the same compiled code as :func:`sweep`."""
+    """``S <- S - V V^T`` in place: :func:`sweep` with no products (the same compiled code)."""
     B, _, n = V.shape
-    H = torch.zeros(B, 0, n, dtype=torch.float64)
-    Yc = torch.zeros(bounds.shape[0] - 1, B, 0, n, dtype=torch.float64)
-    _set_threads()
-    _kernel()(_np(buffer), lay, bounds, _np(H), _np(V), Yc.numpy(), False)
+    sweep(buffer, lay, bounds, torch.zeros(B, 0, n, dtype=torch.float64), V)
