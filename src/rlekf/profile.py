@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import os
 import platform
 import tempfile
@@ -186,7 +187,7 @@ def format_profile(rows: list[dict[str, Any]], note: str = "") -> str:
             f"{r['batches']} ({r['frames']})",
             f"{1e3 * r['s_per_frame']:.1f}",
             *(f"{100 * r[k] / total:.0f} %" for k, _ in PARTS),
-            f"{r['ratio_to_adam']:.2f}",
+            "–" if math.isnan(r["ratio_to_adam"]) else f"{r['ratio_to_adam']:.2f}",
             f"{r['s_per_epoch_est']:.1f}",
             f"{r['optimizer_calls'] / max(r['batches'], 1):g}",
         ]
