@@ -104,8 +104,8 @@ def test_chunk_bounds_cover_every_item_once_and_balance(count, n_chunks) -> None
 
 def test_kernel_option_resolves_and_refuses() -> None:
     w = torch.nn.Parameter(torch.zeros(10, dtype=torch.float64))
-    assert RLEKF([w]).kernel == "fused"  # auto: float64 P on the CPU with Numba installed
-    assert RLEKF([w], p_dtype="float32").kernel == "torch"  # auto: float32 P keeps torch
+    assert RLEKF([w]).kernel == "fused"  # auto: on the CPU with Numba installed
+    assert RLEKF([w], p_dtype="float32").kernel == "fused"
     assert RLEKF([w], p_dtype="float32", kernel="fused").kernel == "fused"
     assert RLEKF([w], kernel="torch").kernel == "torch"
     with pytest.raises(ValueError, match="Invalid kernel"):

@@ -430,6 +430,86 @@ def test_lost_definiteness_is_detected_skipped_and_repaired() -> None:
     assert opt.n_updates == 1 and opt.n_indefinite == 1
 
 
+def test_indefinite_p_hidden_from_h_is_caught_by_the_downdated_diagonal() -> None:
+    """P with one small negative eigenvalue and a large positive one, and an H whose
+    h^T P h > 0: the downdate would drive a diagonal entry negative (the amplification of
+    README "float32 P"), so the update is skipped, counted and the block shifted."""
+    n = 20
+    model = _Flat([n])
+    opt = RLEKF(model.parameters(), block_size=None, tile=8)
+    diag = np.ones(n)
+    diag[0], diag[1] = 1e4, -1.0
+    sd = opt.state_dict()
+    sd["state"][0]["P"] = [torch.as_tensor(np.diag(diag))]
+    opt.load_state_dict(sd)
+    h = np.zeros(n)
+    h[0], h[1] = 0.1, 2.0
+    # by hand: h^T P h = 1e4 * 0.01 - 4 = 96 > 0, a = 0.98 + 96, K_0 = 1e3,
+    # P'_00 = 1e4 - K_0**2 / a < 0
+    assert h @ np.diag(diag) @ h > 0 and 1e4 - 1e3**2 / (0.98 + 96.0) < 0
+    model.ps[0].grad = torch.as_tensor(h)
+    w0 = model.ps[0].detach().clone()
+    opt.step(error=0.5)
+    assert opt.n_indefinite == 1 and opt.n_skipped == 1 and opt.n_updates == 0
+    assert torch.equal(model.ps[0].detach(), w0)
+    P = opt.covariance[0].numpy()
+    shift = np.diag(P) - diag
+    assert np.all(shift >= 0) and np.ptp(shift) < 1e-12  # a multiple of I, no downdate
+    assert abs(P[0, 1]) < 1e-12
+
+
+def test_jitter_shifts_float32_p_at_the_rounding_level_every_symmetrisation() -> None:
+    """jitter="auto": float32 P gets + sqrt(n) eps max diag(S) I every symmetrize_every
+    updates (float64: off); the bits do not depend on a flush in between (resume)."""
+    n, every = 30, 5
+    rng = np.random.default_rng(1)
+    H = rng.normal(size=(12, n)) * 0.3
+
+    def run(p_dtype, flush_at=None, jitter="auto", stop=12):
+        model = _Flat([n])
+        opt = RLEKF(
+            model.parameters(),
+            block_size=None,
+            tile=8,
+            p_dtype=p_dtype,
+            symmetrize_every=every,
+            jitter=jitter,
+        )
+        snaps = []
+        for t in range(stop):
+            model.ps[0].grad = torch.as_tensor(H[t])
+            before = opt.covariance[0].double() if t + 1 == every else None
+            opt.step(error=0.1)
+            if before is not None:
+                snaps.append((before, torch.as_tensor(H[t])))
+            if flush_at == t:
+                opt.flush()
+        return opt, model, snaps
+
+    o32, m32, _ = run("float32")
+    assert o32.jitter == 1.0 and run("float64")[0].jitter == 0.0
+    assert RLEKF(_Flat([3]).parameters(), jitter=0.5).jitter == 0.5
+    with pytest.raises(ValueError, match="jitter"):
+        RLEKF(_Flat([3]).parameters(), jitter=-1.0)
+    # the update that schedules a symmetrisation adds the shift: against the same run with
+    # jitter=0 (same bits until then)
+    o, _, snaps = run("float32", stop=every)
+    P, _ = snaps[0]
+    off, _, _ = run("float32", stop=every, jitter=0.0)
+    without = off.covariance[0].double()
+    got = o.covariance[0].double()
+    eps32 = float(np.finfo(np.float32).eps)
+    # the shift is sqrt(n) eps max diag(S) in units of S, times the scale c: of the order of
+    # the rounding level of P itself, and a multiple of the identity
+    delta = (got - without).diagonal()
+    level = math.sqrt(n) * eps32 * float(P.diagonal().max())
+    assert torch.all(delta > 0.3 * level) and torch.all(delta < 3 * level), (delta, level)
+    # a flush in the middle (a checkpoint) leaves the same bits
+    o_f, m_f, _ = run("float32", flush_at=every - 1)
+    assert torch.equal(o_f.covariance[0], o32.covariance[0])
+    assert torch.equal(m_f.ps[0].detach(), m32.ps[0].detach())
+
+
 def test_sharded_one_rank_loads_the_old_state_dict_like_rlekf() -> None:
     from rlekf.models import DeepPotential
     from rlekf.optim import ShardedRLEKF

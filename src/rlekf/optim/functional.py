@@ -35,11 +35,13 @@ __all__ = [
     "RLEKFUpdate",
     "innovation",
     "kalman_factors",
+    "negative_diagonal",
     "rlekf_update",
     "rank_k_apply_",
     "rank_k_factors",
     "rank_k_gain",
     "rlekf_update_rank_k",
+    "rounding_floor",
     "symmetrize_",
 ]
 
@@ -411,6 +413,48 @@ def symmetrize_(P: Tensor, tile: int = 512) -> Tensor:
             upper.copy_(avg)
             lower.copy_(avg.mT)
     return P
+
+
+def rounding_floor(max_diag: float, n: int, dtype: torch.dtype) -> float:
+    """The smallest diagonal shift that repairs a block which lost definiteness.
+
+    Rounding the entries of an ``n x n`` symmetric positive semi-definite matrix to ``dtype``
+    perturbs its eigenvalues by up to about ``sqrt(n) * eps * max_j S_jj`` (a random-sign error
+    of ``eps * |S_jk| <= eps * max_j S_jj`` per entry); a negative eigenvalue of that size is
+    rounding, and a repair must shift by at least this much to remove it.
+
+    Args:
+        max_diag: ``max_j S_jj`` (in the units of the stored matrix).
+        n: Order of the block.
+        dtype: Storage dtype (float32 or float64).
+
+    Returns:
+        ``sqrt(n) * finfo(dtype).eps * max_diag`` (0 for a non-positive ``max_diag``).
+    """
+    return math.sqrt(n) * torch.finfo(dtype).eps * max(float(max_diag), 0.0)
+
+
+def negative_diagonal(diag: Tensor, V: Tensor, dtype: torch.dtype) -> Tensor:
+    """Which blocks a downdate ``S <- S - V V^T`` would give a negative diagonal entry.
+
+    With ``S`` positive semi-definite, ``diag(S - V V^T) >= 0`` for a Kalman correction; an
+    entry below minus the rounding level (:func:`rounding_floor`) means ``S`` has lost
+    definiteness in a direction that ``H^T P H`` did not show, and the downdate would amplify
+    it.
+
+    Args:
+        diag: ``(B, n)`` ``diag(S)`` of ``B`` blocks (any float dtype).
+        V: ``(B, k, n)`` the correction's factors (``S - V^T V`` in this layout).
+        dtype: Storage dtype of ``S`` (sets the rounding level).
+
+    Returns:
+        ``(B,)`` bool.
+    """
+    d = diag.to(torch.float64)
+    after = d - V.to(torch.float64).square().sum(1)
+    n = d.shape[1]
+    tol = math.sqrt(n) * torch.finfo(dtype).eps * d.amax(1, keepdim=True).clamp_min(0.0)
+    return (after < -tol).any(1)
 
 
 class KalmanFactors(NamedTuple):

@@ -13,7 +13,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from rlekf.optim import tile_kernel
-from rlekf.optim.functional import KalmanFactors, RLEKFRankKUpdate, kalman_factors
+from rlekf.optim.functional import (
+    KalmanFactors,
+    RLEKFRankKUpdate,
+    kalman_factors,
+    negative_diagonal,
+    rounding_floor,
+)
 from rlekf.optim.partition import Block, partition_parameters, validate_block_size
 from rlekf.optim.tiled import (
     DEFAULT_TILE,
@@ -233,10 +239,15 @@ class RLEKF(Optimizer):
         kernel: How a sweep over the stored tiles runs: ``"fused"`` (one compiled Numba loop
             nest per group, CPU only: every stored element read and written once, ~2.8x the
             torch kernel on a Cu model), ``"torch"`` (three library calls per tile, any
-            device) or ``"auto"`` (default: fused for a float64 ``P`` on the CPU when Numba
-            is installed, else torch; float32 ``P`` keeps the torch kernel by default, see
-            README "float32 P"). A runtime choice: a loaded state keeps this process's
+            device) or ``"auto"`` (default: fused on the CPU when Numba is installed, else
+            torch). A runtime choice: a loaded state keeps this process's
             kernel. The two kernels agree to rounding (tested to 1e-12), not bit for bit.
+        jitter: Whenever the diagonal tiles are re-symmetrised (every ``symmetrize_every``
+            updates), add ``jitter * sqrt(n_i) * eps * max diag(S_i)`` to the diagonal of
+            every block (:func:`~rlekf.optim.functional.rounding_floor`: the rounding level
+            of the stored matrix), which keeps a float32 ``P`` positive definite where its
+            own rounding would leave it indefinite (README "float32 P"). ``"auto"``
+            (default): 1.0 for a float32 ``P``, 0 (off) for float64.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -262,6 +273,7 @@ class RLEKF(Optimizer):
         batch_blocks: bool | None = None,
         weight_order: str = "output_major",
         kernel: str = "auto",
+        jitter: float | str = "auto",
     ) -> None:
         block_size = validate_block_size(block_size)
         lambda0 = _real("lambda0", lambda0, "0 < lambda0 <= 1", lambda v: 0.0 < v <= 1.0)
@@ -281,6 +293,10 @@ class RLEKF(Optimizer):
             raise ValueError(f"Invalid kernel: {kernel!r} (expected one of {_KERNEL_CHOICES})")
         if kernel == "fused" and not tile_kernel.available():
             raise ImportError("kernel='fused' needs Numba (pip install numba), or kernel='torch'")
+        if jitter != "auto":
+            jitter = _real(
+                "jitter", jitter, "'auto' or a float >= 0", lambda v: 0.0 <= v < math.inf
+            )
         if batch_blocks is not None and not isinstance(batch_blocks, bool):
             raise ValueError(f"Invalid batch_blocks: {batch_blocks!r} (expected bool or None)")
         if max_p_bytes is not None and max_p_bytes != "auto":
@@ -297,6 +313,7 @@ class RLEKF(Optimizer):
             "batch_blocks": batch_blocks,
             "weight_order": weight_order,
             "kernel": kernel,
+            "jitter": jitter,
         }
         super().__init__(params, defaults)
 
@@ -426,8 +443,7 @@ class RLEKF(Optimizer):
         if choice != "auto":
             return choice
         on_cpu = self._group["params"][0].device.type == "cpu"
-        float64 = self.p_dtype == torch.float64
-        return "fused" if on_cpu and float64 and tile_kernel.available() else "torch"
+        return "fused" if on_cpu and tile_kernel.available() else "torch"
 
     @property
     def tile(self) -> int:
@@ -735,23 +751,49 @@ class RLEKF(Optimizer):
                 self._repair(res)
             return res
 
-        # (3) increments (zero-padded over all blocks), pending factors and scales
+        # (3) increments (zero-padded over all blocks, plus one slot that counts the blocks
+        # whose diagonal the correction would drive negative), pending factors, then scales
         assert res.weight is not None and res.pending is not None
         weight = res.weight.to(device)
         pending = res.pending.to(device)
-        dw = torch.zeros(n_total, dtype=torch.float64, device=device)
-        scales = anchor[_P_SCALE]
-        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
+        dw = torch.zeros(n_total + 1, dtype=torch.float64, device=device)
+        flags = []
+        for gi, g in enumerate(groups):
             flat_idx, _ = index[gi]
             _, u, c = swept[gi]
             # dw_i = c_i U_i w (U_i = S_i H_i, stored (k, n)); V_i = sqrt(c_i) U_i pending
             dw.index_copy_(0, flat_idx, torch.matmul(weight, u).mul_(c.view(-1, 1)).reshape(-1))
             V = g.vectors(k)  # the previous pending buffer of this k was applied above
             V.buf.copy_(torch.matmul(pending.mT, u).mul_(c.sqrt().view(-1, 1, 1)))
+            flag = negative_diagonal(g.diagonal(), V.buf, g.dtype)
+            flags.append(flag)
+            dw[-1] += flag.sum()
+        self._reduce_increment(dw)  # one collective when sharded: increments and the count
+        if float(dw[-1]) > 0:
+            # P lost definiteness where H^T P H does not show it (the downdate would make a
+            # diagonal entry negative): skip the update on every rank, repair those blocks
+            local = self._local_block_indices()
+            bad = [
+                local[pos]
+                for flag, members in zip(flags, self._members, strict=True)
+                for pos, f in zip(members, flag.tolist(), strict=True)
+                if f
+            ]
+            res = res._replace(
+                applied=False,
+                weight=None,
+                pending=None,
+                indefinite=tuple(bad),
+                repair=(0.0,) * len(bad),
+            )
+            self._repair(res)
+            return res
+        scales = anchor[_P_SCALE]
+        for gi, (g, members) in enumerate(zip(groups, self._members, strict=True)):
             for pos in members:
                 scales[pos] = scales[pos] / lam
-            self._pending[gi] = V
-        self._reduce_increment(dw)
+            self._pending[gi] = g.vectors(k)
+        dw = dw[:n_total]
         self._last_flat_dw = dw
         self._add_flat(dw)
         return res
@@ -784,12 +826,17 @@ class RLEKF(Optimizer):
         for i, delta in zip(res.indefinite, res.repair, strict=True):
             if i in local:
                 gi, j = where[local[i]]
-                groups[gi].add_diagonal_(j, delta / scales[local[i]])
+                g = groups[gi]
+                # at least the rounding level of the stored S: a smaller shift leaves the
+                # negative direction in place, and later updates amplify it (README)
+                floor = rounding_floor(float(g.diagonal()[j].max()), g.n, g.dtype)
+                shift = max(delta / scales[local[i]], floor)
+                g.add_diagonal_(j, shift)
                 log.warning(
                     "RLEKF: block %d lost positive definiteness (H^T P H < 0); update skipped, "
-                    "S shifted by %.3g * I",
+                    "P shifted by %.3g * I",
                     i,
-                    delta,
+                    shift * scales[local[i]],
                 )
         self._anchor[_N_INDEF] = self.n_indefinite + 1
 
@@ -823,8 +870,30 @@ class RLEKF(Optimizer):
         every = int(self._group["symmetrize_every"])
         if every and n // every > before // every:
             anchor[_SYM_DUE] = True  # done by the next sweep (or flush)
+            self._add_jitter()
         nu_k = self._group["nu"] ** k
         anchor[_LAM] = nu_k * lam + 1.0 - nu_k  # = 1 - (1 - lam) nu^k; k = 1: nu*lam + 1 - nu
+
+    @torch.no_grad()
+    def _add_jitter(self) -> None:
+        """``S_i <- S_i + jitter * rounding_floor(max diag(S_i)) * I`` for the local blocks
+        (right after an update, with its correction still pending: the same bits whether or
+        not the state is flushed before the next update)."""
+        factor = self.jitter
+        if not factor or self._groups is None:
+            return
+        for g in self._groups:
+            top = g.diagonal().amax(1).tolist()
+            for j, m in enumerate(top):
+                g.add_diagonal_(j, factor * rounding_floor(m, g.n, g.dtype))
+
+    @property
+    def jitter(self) -> float:
+        """The factor of the periodic diagonal shift (``"auto"`` resolved by ``p_dtype``)."""
+        value = self._group.get("jitter", "auto")
+        if value == "auto":
+            return 0.0 if self.p_dtype == torch.float64 else 1.0
+        return float(value)
 
     def _gradient_rows(self, grads: Tensor | Sequence[Sequence[Tensor | None]], k: int) -> Tensor:
         """The ``(k, N)`` matrix of measurement gradients in ``p_dtype``, optimizer order."""

@@ -172,6 +172,7 @@ class TileGroup:
             t.diagonal(dim1=1, dim2=2).fill_(diag)
         self._tile_views = _TileViews(self)
         self._vectors: dict[tuple[str, int], _TileVectors] = {}
+        self._diag_index: Tensor | None = None
         self.kernel = kernel
         if kernel == "fused":
             if self.buffer.device.type != "cpu":
@@ -305,12 +306,16 @@ class TileGroup:
         return self.buffer[j]
 
     def diagonal(self) -> Tensor:
-        """``diag(S)`` of every block, ``(B, n)`` (a copy)."""
-        out = torch.empty(self.count, self.n, dtype=self.dtype, device=self.device)
-        for (r, c, r0, r1, *_), t in zip(self.layout, self.tiles, strict=True):
-            if r == c:
-                out[:, r0:r1].copy_(t.diagonal(dim1=1, dim2=2))
-        return out
+        """``diag(S)`` of every block, ``(B, n)`` (a copy; one gather)."""
+        idx = self._diag_index
+        if idx is None or idx.device != self.device:
+            pos = []
+            for r, c, r0, r1, c0, c1, off in self.layout:
+                if r == c:
+                    w = c1 - c0
+                    pos.extend(off + j * w + j for j in range(r1 - r0))
+            idx = self._diag_index = torch.tensor(pos, dtype=torch.long, device=self.device)
+        return self.buffer.index_select(1, idx)
 
     @torch.no_grad()
     def add_diagonal_(self, j: int, value: float) -> None:
