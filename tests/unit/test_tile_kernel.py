@@ -48,14 +48,16 @@ def test_fused_sweep_equals_torch_sweep(n, count, tile, k, kv, symmetrize) -> No
     torch.testing.assert_close(yb, ya, rtol=1e-13, atol=1e-13)
 
 
-def test_fused_sweep_against_dense_numpy_float32() -> None:
-    """float32 tiles: correction rounded once from float64, products accumulated in float64."""
+@pytest.mark.parametrize("k", [1, 3])
+def test_fused_sweep_against_dense_numpy_float32(k: int) -> None:
+    """float32 tiles: correction rounded once from float64, products accumulated in float64
+    (``k = 3``: the four-row blocked products)."""
     rng = np.random.default_rng(3)
     n, tile = 45, 16
     g, dense = _group(n, 1, tile, torch.float32, "fused", rng)
     S32 = g.dense(0).numpy().astype(np.float64)  # the stored (rounded) S
     V = rng.normal(size=(n, 2)) * 0.1
-    H = rng.normal(size=(1, 1, n))
+    H = rng.normal(size=(1, k, n))
     g.vectors(2).set_(0, torch.as_tensor(V))
     V32 = g.vectors(2).buf[0].numpy().astype(np.float64)  # (2, n) as stored
     Y = g.sweep_rows_(torch.as_tensor(H).float(), g.vectors(2)).numpy()
@@ -66,7 +68,8 @@ def test_fused_sweep_against_dense_numpy_float32() -> None:
     np.testing.assert_allclose(got[lower], expect[lower], rtol=1e-6, atol=1e-6)
     # Y from the stored float32 tiles, summed in float64
     S_used = np.where(lower, got, got.T)
-    np.testing.assert_allclose(Y[0, 0], S_used @ H[0, 0].astype(np.float32), rtol=1e-12)
+    for j in range(k):
+        np.testing.assert_allclose(Y[0, j], S_used @ H[0, j].astype(np.float32), rtol=1e-12)
 
 
 def test_fused_bits_do_not_depend_on_the_thread_count() -> None:

@@ -73,8 +73,8 @@ def test_flush_and_deferred_give_the_same_bits(kernel: str) -> None:
     """Applying the pending correction now (flush) or in the next sweep: same tiles."""
     n, tile = 29, 8
     rng = np.random.default_rng(0)
-    H = torch.as_tensor(rng.normal(size=(1, n, 1)))
     for k in (1, 3):
+        H = torch.as_tensor(rng.normal(size=(1, n, k)))  # rank-k products too
         V = torch.as_tensor(rng.normal(size=(1, n, k)) * 0.1)
         a = TileGroup(n, 1, tile, torch.float64, "cpu", kernel=kernel)
         b = TileGroup(n, 1, tile, torch.float64, "cpu", kernel=kernel)
