@@ -436,7 +436,7 @@ def test_indefinite_p_hidden_from_h_is_caught_by_the_downdated_diagonal() -> Non
     README "float32 P"), so the update is skipped, counted and the block shifted."""
     n = 20
     model = _Flat([n])
-    opt = RLEKF(model.parameters(), block_size=None, tile=8)
+    opt = RLEKF(model.parameters(), block_size=None, tile=8, p_dtype="float32")
     diag = np.ones(n)
     diag[0], diag[1] = 1e4, -1.0
     sd = opt.state_dict()
@@ -454,8 +454,8 @@ def test_indefinite_p_hidden_from_h_is_caught_by_the_downdated_diagonal() -> Non
     assert torch.equal(model.ps[0].detach(), w0)
     P = opt.covariance[0].numpy()
     shift = np.diag(P) - diag
-    assert np.all(shift >= 0) and np.ptp(shift) < 1e-12  # a multiple of I, no downdate
-    assert abs(P[0, 1]) < 1e-12
+    assert np.all(shift >= 0) and np.ptp(shift) < 2e-3  # a multiple of I, no downdate
+    assert abs(P[0, 1]) < 1e-6
 
 
 def test_jitter_shifts_float32_p_at_the_rounding_level_every_symmetrisation() -> None:

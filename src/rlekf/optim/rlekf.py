@@ -758,6 +758,9 @@ class RLEKF(Optimizer):
         pending = res.pending.to(device)
         dw = torch.zeros(n_total + 1, dtype=torch.float64, device=device)
         flags = []
+        # below float64 only (where rounding can make P indefinite; float64 skips the second
+        # host sync per update that the check costs)
+        check = self.p_dtype != torch.float64
         for gi, g in enumerate(groups):
             flat_idx, _ = index[gi]
             _, u, c = swept[gi]
@@ -765,11 +768,12 @@ class RLEKF(Optimizer):
             dw.index_copy_(0, flat_idx, torch.matmul(weight, u).mul_(c.view(-1, 1)).reshape(-1))
             V = g.vectors(k)  # the previous pending buffer of this k was applied above
             V.buf.copy_(torch.matmul(pending.mT, u).mul_(c.sqrt().view(-1, 1, 1)))
-            flag = negative_diagonal(g.diagonal(), V.buf, g.dtype)
-            flags.append(flag)
-            dw[-1] += flag.sum()
+            if check:
+                flag = negative_diagonal(g.diagonal(), V.buf, g.dtype)
+                flags.append(flag)
+                dw[-1] += flag.sum()
         self._reduce_increment(dw)  # one collective when sharded: increments and the count
-        if float(dw[-1]) > 0:
+        if check and float(dw[-1]) > 0:
             # P lost definiteness where H^T P H does not show it (the downdate would make a
             # diagonal entry negative): skip the update on every rank, repair those blocks
             local = self._local_block_indices()
