@@ -29,6 +29,7 @@ Numba is imported lazily: :func:`available` says whether it is installed; withou
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -41,9 +42,17 @@ __all__ = ["N_CHUNKS", "apply", "available", "chunk_bounds", "layout_arrays", "s
 N_CHUNKS = 8
 
 
+def _limit_pool() -> None:
+    """Size Numba's thread pool to torch's thread count before Numba is first imported
+    (``NUMBA_NUM_THREADS``, unless set): Numba's default, one thread per core, spins while
+    idle and slowed two 1-thread runs sharing 2 cores (a parallel sweep) 2.7x (README)."""
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, torch.get_num_threads())))
+
+
 @functools.cache
 def available() -> bool:
     """Whether Numba can be imported (the fused kernel can run)."""
+    _limit_pool()
     try:
         import numba  # noqa: F401
     except ImportError:
@@ -73,6 +82,7 @@ def chunk_bounds(lay: np.ndarray, count: int, n_chunks: int = N_CHUNKS) -> np.nd
 
 
 def _kernel():
+    _limit_pool()
     from rlekf.optim._tile_numba import sweep_kernel
 
     return sweep_kernel
