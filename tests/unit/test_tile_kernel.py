@@ -137,3 +137,27 @@ def test_loaded_state_keeps_this_process_s_kernel() -> None:
     w.grad = torch.ones(10, dtype=torch.float64)
     b.step(error=0.1)
     assert b.n_updates == 2
+
+
+def test_numba_pool_follows_torch_threads_in_a_fresh_process() -> None:
+    """NUMBA_NUM_THREADS is set from torch's thread count before Numba is first imported (an
+    idle pool of one thread per core spins and slows concurrent 1-thread runs), unless the
+    user set it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from rlekf.optim import RLEKF; "
+        "RLEKF([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], kernel='fused'); "
+        "import numba; print(numba.config.NUMBA_NUM_THREADS)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    for omp, user, expect in (("1", None, "1"), ("1", "2", "2")):
+        env["OMP_NUM_THREADS"] = omp
+        if user is not None:
+            env["NUMBA_NUM_THREADS"] = user
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip().splitlines()[-1] == expect
