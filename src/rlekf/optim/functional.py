@@ -452,8 +452,8 @@ def negative_diagonal(diag: Tensor, V: Tensor, dtype: torch.dtype) -> Tensor:
     """
     d = diag.to(torch.float64)
     after = d - V.to(torch.float64).square().sum(1)
-    n = d.shape[1]
-    tol = math.sqrt(n) * torch.finfo(dtype).eps * d.amax(1, keepdim=True).clamp_min(0.0)
+    # rounding_floor is linear in max diag: its value at 1 scales every block's
+    tol = rounding_floor(1.0, d.shape[1], dtype) * d.amax(1, keepdim=True).clamp_min(0.0)
     return (after < -tol).any(1)
 
 

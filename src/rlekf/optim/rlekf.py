@@ -168,6 +168,11 @@ def weight_permutation(params: Sequence[Tensor], transposed: Sequence[int]) -> T
     return torch.cat(parts).to(params[0].device)
 
 
+def _rounding_floors(g: TileGroup) -> list[float]:
+    """:func:`~rlekf.optim.functional.rounding_floor` of each block of ``g`` (units of ``S``)."""
+    return [rounding_floor(m, g.n, g.dtype) for m in g.diagonal().amax(1).tolist()]
+
+
 class RLEKF(Optimizer):
     r"""Reorganized-layer extended Kalman filter (RLEKF, Hu et al., AAAI 2023).
 
@@ -833,12 +838,11 @@ class RLEKF(Optimizer):
                 g = groups[gi]
                 # at least the rounding level of the stored S: a smaller shift leaves the
                 # negative direction in place, and later updates amplify it (README)
-                floor = rounding_floor(float(g.diagonal()[j].max()), g.n, g.dtype)
-                shift = max(delta / scales[local[i]], floor)
+                shift = max(delta / scales[local[i]], _rounding_floors(g)[j])
                 g.add_diagonal_(j, shift)
                 log.warning(
-                    "RLEKF: block %d lost positive definiteness (H^T P H < 0); update skipped, "
-                    "P shifted by %.3g * I",
+                    "RLEKF: block %d lost positive definiteness (H^T P H < 0, or a downdated "
+                    "diagonal entry < 0); update skipped, P shifted by %.3g * I",
                     i,
                     shift * scales[local[i]],
                 )
@@ -887,9 +891,8 @@ class RLEKF(Optimizer):
         if not factor or self._groups is None:
             return
         for g in self._groups:
-            top = g.diagonal().amax(1).tolist()
-            for j, m in enumerate(top):
-                g.add_diagonal_(j, factor * rounding_floor(m, g.n, g.dtype))
+            for j, floor in enumerate(_rounding_floors(g)):
+                g.add_diagonal_(j, factor * floor)
 
     @property
     def jitter(self) -> float:

@@ -308,7 +308,7 @@ class TileGroup:
     def diagonal(self) -> Tensor:
         """``diag(S)`` of every block, ``(B, n)`` (a copy; one gather)."""
         idx = self._diag_index
-        if idx is None or idx.device != self.device:
+        if idx is None:
             pos = []
             for r, c, r0, r1, c0, c1, off in self.layout:
                 if r == c:
