@@ -160,6 +160,8 @@ class RunResult:
     returncode: int = 0
     peak_gpu_mib: float = float("nan")
     max_epochs: int | None = None  # the trainer.max_epochs it ran with (Adam's schedule)
+    load_before: float = float("nan")  # 1-minute load average when the run started
+    load_after: float = float("nan")  # ... and when it ended (§6: time on an idle machine)
 
     @property
     def epochs(self) -> list[float]:
@@ -415,6 +417,7 @@ def run_training(
         "    if _t is not None and _t.cuda.is_initialized():\n"
         "        print('PEAK_GPU_MIB', _t.cuda.max_memory_allocated() / 2**20)\n"
     )
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     result = RunResult(
@@ -424,6 +427,8 @@ def run_training(
         wall_s=time.perf_counter() - t0,
         returncode=proc.returncode,
         max_epochs=max_epochs_of(overrides),
+        load_before=load_before,
+        load_after=os.getloadavg()[0],
     )
     (out / "bench_stdout.log").write_text(proc.stdout + "\n" + proc.stderr)
     for line in proc.stdout.splitlines():
@@ -867,6 +872,21 @@ def write_report(
             lines.append("| " + " | ".join(cells) + " |")
     if trained and notes:
         lines += ["", *notes]
+    if runs:
+        lines += [
+            "",
+            "Runs in the order they ran (1-minute load average before / after each; the "
+            "run itself adds about the number of threads it uses):",
+            "",
+            "| data | optimizer | seed | wall s | load before / after | exit |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in runs:
+            lines.append(
+                f"| {r.dataset} | {r.optim} | {r.seed} | {_fmt(r.wall_s, '.0f')} "
+                f"| {_fmt(r.load_before, '.2f')} / {_fmt(r.load_after, '.2f')} "
+                f"| {r.returncode} |"
+            )
     if micro:
         m0 = micro[0]
         rank_k = any("rankk_ms_per_update" in m for m in micro)
