@@ -40,7 +40,9 @@ from rlekf.runs import (
     VAL_F,
     ValPoint,
     best,
+    dead_time,
     format_mean_std,
+    initial_point,
     mean_std,
     reach,
     read_metrics_csv,
@@ -77,11 +79,16 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("epochs_to_target_energy", "epochs to E target (stays below)"),
     ("time_to_target_energy_s", "train s to E target (stays below)"),
     ("first_epochs_to_target_energy", "epochs to E target (first crossing)"),
+    ("initial_force_rmse", "step-0 val F RMSE (eV/Å)"),
+    ("epochs_to_half_force", "epochs until F RMSE halves (stays)"),
+    ("steps_to_half_force", "steps until F RMSE halves (stays)"),
     ("epochs", "epochs"),
     ("train_s", "training time (s)"),
     ("s_per_epoch", "train s/epoch (whole epochs)"),
     ("elapsed_s", "wall-clock (s)"),
 )
+# shown only when some run logged a validation at step 0 (EpochSummary(initial_point=True))
+DEAD_TIME_METRICS = ("initial_force_rmse", "epochs_to_half_force", "steps_to_half_force")
 # metrics that are missing (not reached) for some runs: the tables also count the reached ones
 TARGET_METRICS = (
     "epochs_to_target_force",
@@ -92,6 +99,8 @@ TARGET_METRICS = (
     "time_to_target_energy_s",
     "first_epochs_to_target_energy",
     "first_time_to_target_energy_s",
+    "epochs_to_half_force",
+    "steps_to_half_force",
 )
 
 
@@ -254,6 +263,11 @@ def run_metrics(run: Run, energy_target: float, force_target: float) -> dict[str
             hit = reach(run.curve, quantity, target, criterion)
             out[f"{prefix}epochs_to_target_{quantity}"] = hit.epochs if hit else nan
             out[f"{prefix}time_to_target_{quantity}_s"] = hit.train_time if hit else nan
+    start = initial_point(run.curve)
+    out["initial_force_rmse"] = start.force_rmse if start else nan
+    half = dead_time(run.curve, "force") if start else None
+    out["epochs_to_half_force"] = half.epochs if half else nan
+    out["steps_to_half_force"] = float(half.step) if half else nan
     for key, value in run.test.items():
         out[key] = value
     return out
@@ -329,12 +343,18 @@ def _csv_value(value: Any) -> Any:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], factors: Sequence[str]) -> str:
-    """A Markdown table of aggregated rows: group, factors, runs, then mean ± std per metric."""
-    head = ["group", *factors, "runs", *(h for _, h in METRICS)]
+    """A Markdown table of aggregated rows: group, factors, runs, then mean ± std per metric
+    (the dead-time columns only when some run has a step-0 validation)."""
+    metrics = [
+        (m, h)
+        for m, h in METRICS
+        if m not in DEAD_TIME_METRICS or any(r.get("initial_force_rmse_n", 0) for r in rows)
+    ]
+    head = ["group", *factors, "runs", *(h for _, h in metrics)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [str(row["group"]), *(str(row.get(f, "")) for f in factors), str(row["n_runs"])]
-        for m, _ in METRICS:
+        for m, _ in metrics:
             n = row[f"{m}_n"] if m in TARGET_METRICS else None
             cells.append(format_mean_std(row[f"{m}_mean"], row[f"{m}_std"], n, row["n_runs"]))
         lines.append("| " + " | ".join(cells) + " |")

@@ -33,7 +33,9 @@ __all__ = [
     "Ratio",
     "ValPoint",
     "best",
+    "dead_time",
     "first_crossing",
+    "initial_point",
     "format_mean_std",
     "mean_std",
     "ratio_of_means",
@@ -193,6 +195,47 @@ def reach(
     if math.isnan(target):
         return None
     return (stays_below if criterion == "stay" else first_crossing)(curve, quantity, target)
+
+
+def initial_point(curve: Sequence[ValPoint]) -> ValPoint | None:
+    """The validation of the untrained model (step 0, no training epoch done), logged by
+    ``EpochSummary(initial_point=True)``; None when the run has none."""
+    if curve and curve[0].step == 0 and curve[0].epochs == 0.0:
+        return curve[0]
+    return None
+
+
+def dead_time(
+    curve: Sequence[ValPoint],
+    quantity: str = "force",
+    fraction: float = 0.5,
+    criterion: str = "stay",
+) -> ValPoint | None:
+    """The first validation from which the RMSE stays ≤ ``fraction`` × its value before
+    training (``criterion="first"``: first crossing): "updates until the force RMSE halves".
+
+    Read ``.epochs`` (training epochs done) and ``.step`` (optimizer steps) of the result.
+
+    Args:
+        curve: validation points whose first is the step-0 point (:func:`initial_point`).
+        quantity: ``"force"`` or ``"energy"``.
+        fraction: in (0, 1).
+
+    Returns:
+        The point, or None when the RMSE never got (or did not stay) there.
+
+    Raises:
+        ValueError: the curve has no step-0 point, or ``fraction`` is outside (0, 1).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    start = initial_point(curve)
+    if start is None:
+        raise ValueError(
+            "the run has no validation at step 0: train with "
+            "callbacks.epoch_summary.initial_point=true trainer.num_sanity_val_steps=-1"
+        )
+    return reach(curve[1:], quantity, fraction * _value(start, quantity), criterion)
 
 
 def best(curves: Iterable[Sequence[ValPoint]], quantity: str) -> float:

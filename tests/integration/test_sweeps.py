@@ -37,7 +37,10 @@ def test_every_sweep_has_a_smoke_variant():
     assert set(FULL_SWEEPS) == {
         "block_size",
         "block_size_cu_pwmat",
+        "dead_time_cu_pwmat",
+        "divergence_cu_pwmat",
         "init",
+        "init_cu_pwmat",
         "block_size_x_init",
         "optimizer_compare",
     }

@@ -75,3 +75,35 @@ def test_ratio_of_means_bounds_both_ways():
     assert neither.bound is None and str(neither) == "–"
     with pytest.raises(ValueError, match="one value per seed"):
         R.ratio_of_means([1.0], [1.0, 2.0], [1.0], [1.0])
+
+
+def _dead_curve(forces, *, start=True):
+    """Validation points 0.25 epoch apart (25 steps); the first at step 0 when ``start``."""
+    out = []
+    for k, f in enumerate(forces):
+        j = k if start else k + 1
+        out.append(R.ValPoint(0, 25 * j, 1.0 * j, 0.1, f, train_s=1.0 * j, epochs_done=0.25 * j))
+    return out
+
+
+def test_dead_time_is_read_from_the_step_0_validation():
+    # 1.0 at step 0: below 0.5 first at 0.75 epoch, but stays below only from 1.25 epoch
+    curve = _dead_curve([1.0, 0.9, 0.6, 0.45, 0.55, 0.4, 0.3])
+    assert R.initial_point(curve) is curve[0]
+    hit = R.dead_time(curve, "force")
+    assert (hit.epochs, hit.step) == (1.25, 125)
+    first = R.dead_time(curve, "force", criterion="first")
+    assert (first.epochs, first.step) == (0.75, 75)
+    assert R.dead_time(curve, "force", fraction=0.25) is None  # never below 0.25
+    assert R.dead_time(curve, "force", fraction=0.95).step == 25
+    # the reference is the step-0 value, not the best or the first trained point
+    assert R.dead_time(_dead_curve([2.0, 0.9, 0.6, 0.45]), "force").step == 25
+    with pytest.raises(ValueError, match="fraction"):
+        R.dead_time(curve, "force", fraction=1.0)
+
+
+def test_dead_time_needs_a_step_0_point():
+    curve = _dead_curve([1.0, 0.4, 0.3], start=False)
+    assert R.initial_point(curve) is None
+    with pytest.raises(ValueError, match="no validation at step 0"):
+        R.dead_time(curve, "force")

@@ -52,9 +52,17 @@ class EpochSummary(L.Callback):
     * ``time/val_s``: time spent validating (sanity check included).
     * ``time/epochs``: training epochs done, fractional when the run stopped inside an epoch
       (e.g. ``max_time``): ``epoch + batches done / batches per epoch``.
+
+    Args:
+        initial_point: also log the validation metrics of the untrained model, at step 0 with
+            ``time/epochs`` = ``time/train_s`` = 0, from Lightning's sanity check over the whole
+            validation set (needs ``trainer.num_sanity_val_steps=-1``; a resumed run runs no
+            sanity check and logs none). This is the reference of "updates until the force
+            RMSE halves" (:func:`rlekf.runs.dead_time`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, initial_point: bool = False) -> None:
+        self.initial_point = bool(initial_point)
         self.t0: float | None = None
         self.train_s = 0.0
         self.val_s = 0.0
@@ -97,6 +105,41 @@ class EpochSummary(L.Callback):
                         self._start()
 
             trainer.save_checkpoint = save_checkpoint
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        if not self.initial_point or trainer.global_step != 0:
+            return
+        if not (
+            isinstance(trainer.num_sanity_val_steps, float)
+            and trainer.num_sanity_val_steps == float("inf")
+        ):
+            log.warning(
+                "EpochSummary(initial_point=True) needs the sanity check to cover the whole "
+                "validation set (trainer.num_sanity_val_steps=-1; it is %s): no step-0 point "
+                "logged",
+                trainer.num_sanity_val_steps,
+            )
+            return
+        values = getattr(pl_module, "last_eval_metrics", {}).get("val")
+        if not values:
+            return
+        now = time.perf_counter()
+        row = {f"val/{k}": v for k, v in values.items()}
+        row.update(
+            {
+                "epoch": 0,
+                "time/elapsed_s": now - self.t0 if self.t0 is not None else 0.0,
+                "time/train_s": 0.0,
+                "time/val_s": self.val_s + (now - self._val_since if self._val_since else 0.0),
+                "time/epochs": 0.0,
+            }
+        )
+        for lg in trainer.loggers:
+            lg.log_metrics(row, step=0)
+        log.info(
+            "initial validation (untrained): %s",
+            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("val/")),
+        )
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._stop()

@@ -77,6 +77,8 @@ class ForceFieldModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"stage_{s}": ForceFieldMetrics(virial=True) for s in ("train", "val", "test")}
         )
+        # the last computed metrics per stage ("val": {"force_rmse": eV/Å, ...})
+        self.last_eval_metrics: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -190,6 +192,8 @@ class ForceFieldModule(L.LightningModule):
 
     def _log_stage(self, stage: str) -> None:
         values = self.metrics[f"stage_{stage}"].compute()
+        # kept for callbacks (the sanity check's values never reach the loggers otherwise)
+        self.last_eval_metrics[stage] = {name: float(v) for name, v in values.items()}
         for name, value in values.items():
             self.log(
                 f"{stage}/{name}",

@@ -1,0 +1,81 @@
+"""The step-0 validation (``EpochSummary(initial_point=True)``) and the dead time read from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlekf import keys as K
+from rlekf.data import collate_atoms
+from rlekf.runs import dead_time, initial_point, read_metrics_csv
+from rlekf.train import train
+from tests.helpers.hydra import FAST_DATA, compose_cfg
+
+OVERRIDES = [
+    "model=small",
+    "logger=csv",
+    "test=false",
+    "trainer.max_epochs=2",
+    "trainer.val_check_interval=0.5",
+    "extras.print_config=false",
+    "~callbacks.rich_progress_bar",
+    "~callbacks.parity_plots",
+    *FAST_DATA,
+]
+
+
+def _untrained_val_rmse(tmp_path, data_dir) -> tuple[float, float]:
+    """Force (eV/Å) and energy (eV/atom) RMSE of the untrained model over the validation split,
+    computed here by hand from a model built with the same seed (no training run)."""
+    cfg = compose_cfg("train", [*OVERRIDES, "train=false"], tmp_path / "ref", data_dir)
+    _, objects = train(cfg)
+    datamodule, model = objects["datamodule"], objects["model"]
+    datamodule.setup("fit")
+    model.set_statistics(datamodule.stats())
+    dataset = datamodule.datasets["val"]
+    batch = collate_atoms([dataset[i] for i in range(len(dataset))])
+    pred = model(batch, forces=True)
+    f_rmse = torch.sqrt(torch.mean((pred[K.FORCES] - batch[K.FORCES]) ** 2)).item()
+    n = batch[K.N_ATOMS].double()
+    e_rmse = torch.sqrt(torch.mean(((pred[K.ENERGY] - batch[K.ENERGY]) / n) ** 2)).item()
+    return f_rmse, e_rmse
+
+
+@pytest.mark.parametrize("optim", ["rlekf", "adam"])
+def test_initial_point_is_the_untrained_models_validation(optim, tmp_path, data_dir):
+    over = [
+        f"optim={optim}",
+        "trainer.num_sanity_val_steps=-1",
+        "callbacks.epoch_summary.initial_point=true",
+    ]
+    cfg = compose_cfg("train", [*OVERRIDES, *over], tmp_path / "run", data_dir)
+    train(cfg)
+    curve, _ = read_metrics_csv(tmp_path / "run" / "csv" / "metrics.csv")
+    start = initial_point(curve)
+    assert start is not None and curve[0] is start
+    assert start.epochs == 0.0 and start.train_s == 0.0 and start.step == 0
+    f_ref, e_ref = _untrained_val_rmse(tmp_path, data_dir)
+    assert start.force_rmse == pytest.approx(f_ref, rel=1e-9)
+    assert start.energy_rmse == pytest.approx(e_ref, rel=1e-9)
+    # two validations per epoch after it, with their own clocks
+    assert [p.epochs for p in curve[1:]] == pytest.approx([0.5, 1.0, 1.5, 2.0], abs=0.05)
+    assert all(0 < a.train_s < b.train_s for a, b in zip(curve[1:], curve[2:], strict=False))
+    # the dead time reads this curve (None: these 2 short epochs did not halve the error)
+    half = dead_time(curve, "force")
+    after = curve[curve.index(half) :] if half is not None else []
+    assert all(p.force_rmse <= 0.5 * start.force_rmse for p in after)
+
+
+def test_no_initial_point_without_the_whole_sanity_check(tmp_path, data_dir):
+    # num_sanity_val_steps=2 validates only part of the split: no step-0 point is logged
+    over = [
+        "optim=adam",
+        "trainer.num_sanity_val_steps=2",
+        "callbacks.epoch_summary.initial_point=true",
+    ]
+    cfg = compose_cfg("train", [*OVERRIDES, *over], tmp_path, data_dir)
+    train(cfg)
+    curve, _ = read_metrics_csv(tmp_path / "csv" / "metrics.csv")
+    assert initial_point(curve) is None and curve[0].epochs > 0
+    with pytest.raises(ValueError, match="no validation at step 0"):
+        dead_time(curve)
