@@ -124,6 +124,17 @@ def test_rlekf_missing_a_target_adam_reaches_gives_an_upper_bound(tmp_path):
     )
 
 
+def test_report_lists_each_run_with_its_load_average(tmp_path):
+    adam = _run(tmp_path, "adam", [1.0, 0.5], [1.0] * 2, 1.0)
+    rlekf = _run(tmp_path, "rlekf", [0.9, 0.3], [1.0] * 2, 5.0)
+    adam.load_before, adam.load_after, adam.wall_s = 0.25, 2.5, 123.4
+    rlekf.returncode = 1
+    text = write_report(tmp_path / "out", "cu", 10, [adam, rlekf], summarize([adam, rlekf]), [])
+    text = text.read_text()
+    assert "| cu | adam | 0 | 123 | 0.25 / 2.50 | 0 |" in text
+    assert "| cu | rlekf | 0 | nan | nan / nan | 1 |" in text  # not measured: shown as such
+
+
 def test_seeds_mean_std_and_ratio_of_means(tmp_path):
     import statistics
 
