@@ -1,0 +1,105 @@
+"""Spread of final validation errors across weight initialisations, per optimizer.
+
+    .venv/bin/python bench/cpu/init_spread.py REPORT_DIR [OUT.png]
+
+``REPORT_DIR`` is what ``rlekf-report`` wrote for an ``init`` sweep (``runs.csv``: one row per
+run with ``optim``, ``init``, ``init_scale``, ``seed`` and the final/step-0 RMSEs). Prints, per
+optimizer, the spread of the final force (eV/Å) and energy (eV/atom) RMSE over all its runs
+(every scheme × scale × seed): mean, sample std, coefficient of variation, min, max and
+max / min; then the grid scheme × scale of final force RMSE, one column per optimizer. With
+``OUT.png``: the final errors per run, one column of points per optimizer, coloured by scheme.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import sys
+from pathlib import Path
+
+
+def _f(text: str) -> float:
+    return float(text) if text not in ("", None) else math.nan
+
+
+def load(report_dir: str | Path) -> list[dict]:
+    with open(Path(report_dir) / "runs.csv", newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("status", "ok") == "ok"]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample std, std/mean, min, max, max/min of the finite values (NaN: a diverged run
+    counts in ``n_bad``)."""
+    good = [v for v in values if math.isfinite(v)]
+    out = {"n": len(good), "n_bad": len(values) - len(good)}
+    if len(good) < 2:
+        return out | {k: math.nan for k in ("mean", "std", "cv", "min", "max", "ratio")}
+    mean, std = statistics.fmean(good), statistics.stdev(good)
+    lo, hi = min(good), max(good)
+    return out | {
+        "mean": mean,
+        "std": std,
+        "cv": std / mean,
+        "min": lo,
+        "max": hi,
+        "ratio": hi / lo,
+    }
+
+
+def main(report_dir: str, png: str | None = None) -> int:
+    rows = load(report_dir)
+    optims = sorted({r["optim"] for r in rows})
+    print("| optimizer | runs | quantity | mean | std | std / mean | min | max | max / min |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for opt in optims:
+        mine = [r for r in rows if r["optim"] == opt]
+        for key, name in (("final_force_rmse", "force"), ("final_energy_rmse", "energy")):
+            s = spread([_f(r[key]) for r in mine])
+            bad = f" ({s['n_bad']} not finite)" if s["n_bad"] else ""
+            print(
+                f"| {opt} | {s['n']}{bad} | {name} | {s['mean']:.3g} | {s['std']:.2g} | "
+                f"{s['cv']:.2f} | {s['min']:.3g} | {s['max']:.3g} | {s['ratio']:.2f} |"
+            )
+    print()
+    print("| scheme | scale | " + " | ".join(f"{o}: final F / E RMSE" for o in optims) + " |")
+    print("|---|---|" + "---|" * len(optims))
+    cells = sorted({(r["init"], r["init_scale"]) for r in rows})
+    for init, scale in cells:
+        parts = []
+        for opt in optims:
+            mine = [
+                r for r in rows if (r["optim"], r["init"], r["init_scale"]) == (opt, init, scale)
+            ]
+            f = statistics.fmean(_f(r["final_force_rmse"]) for r in mine) if mine else math.nan
+            e = statistics.fmean(_f(r["final_energy_rmse"]) for r in mine) if mine else math.nan
+            parts.append(f"{f:.3g} / {e:.2g}")
+        print(f"| {init} | {scale} | " + " | ".join(parts) + " |")
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        schemes = sorted({r["init"] for r in rows})
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+        for ax, key, label in (
+            (axes[0], "final_force_rmse", "final val force RMSE (eV/Å)"),
+            (axes[1], "final_energy_rmse", "final val energy RMSE (eV/atom)"),
+        ):
+            for i, opt in enumerate(optims):
+                for j, scheme in enumerate(schemes):
+                    ys = [_f(r[key]) for r in rows if r["optim"] == opt and r["init"] == scheme]
+                    xs = [i + 0.12 * (j - (len(schemes) - 1) / 2)] * len(ys)
+                    ax.scatter(xs, ys, s=18, color=f"C{j}", label=scheme if i == 0 else None)
+            ax.set_xticks(range(len(optims)), optims)
+            ax.set_yscale("log")
+            ax.set_ylabel(label)
+        axes[0].legend(fontsize=7, title="scheme", title_fontsize=7)
+        fig.savefig(png, dpi=120)
+        print(f"\nwrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))
