@@ -3,10 +3,11 @@
     .venv/bin/python bench/cpu/init_spread.py REPORT_DIR [OUT.png]
 
 ``REPORT_DIR`` is what ``rlekf-report`` wrote for an ``init`` sweep (``runs.csv``: one row per
-run with ``optim``, ``init``, ``init_scale``, ``seed`` and the final/step-0 RMSEs). Prints, per
+run with ``optim``, ``init``, ``init_scale``, ``seed`` and the final RMSEs). Prints, per
 optimizer, the spread of the final force (eV/Å) and energy (eV/atom) RMSE over all its runs
 (every scheme × scale × seed): mean, sample std, coefficient of variation, min, max and
-max / min; then the grid scheme × scale of final force RMSE, one column per optimizer. With
+max / min (runs whose final error is not finite are counted apart); then the grid scheme ×
+scale of the mean final force / energy RMSE over seeds, one column per optimizer. With
 ``OUT.png``: the final errors per run, one column of points per optimizer, coloured by scheme.
 """
 
@@ -64,16 +65,17 @@ def main(report_dir: str, png: str | None = None) -> int:
     print()
     print("| scheme | scale | " + " | ".join(f"{o}: final F / E RMSE" for o in optims) + " |")
     print("|---|---|" + "---|" * len(optims))
-    cells = sorted({(r["init"], r["init_scale"]) for r in rows})
+    cells = sorted({(r["init"], r["init_scale"]) for r in rows}, key=lambda c: (c[0], _f(c[1])))
     for init, scale in cells:
         parts = []
         for opt in optims:
             mine = [
                 r for r in rows if (r["optim"], r["init"], r["init_scale"]) == (opt, init, scale)
             ]
-            f = statistics.fmean(_f(r["final_force_rmse"]) for r in mine) if mine else math.nan
-            e = statistics.fmean(_f(r["final_energy_rmse"]) for r in mine) if mine else math.nan
-            parts.append(f"{f:.3g} / {e:.2g}")
+            f = spread([_f(r["final_force_rmse"]) for r in mine] * 2)  # mean of 1 value too
+            e = spread([_f(r["final_energy_rmse"]) for r in mine] * 2)
+            bad = f" ({f['n_bad'] // 2} not finite)" if f["n_bad"] else ""
+            parts.append(f"{f['mean']:.3g} / {e['mean']:.2g}{bad}")
         print(f"| {init} | {scale} | " + " | ".join(parts) + " |")
     if png:
         import matplotlib
@@ -102,4 +104,6 @@ def main(report_dir: str, png: str | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
     sys.exit(main(*sys.argv[1:3]))

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,7 @@ class RunResult:
     max_epochs: int | None = None  # the trainer.max_epochs it ran with (Adam's schedule)
     load_before: float = float("nan")  # 1-minute load average when the run started
     load_after: float = float("nan")  # ... and when it ended (§6: time on an idle machine)
+    other_cpu_s: float = float("nan")  # CPU seconds used by other processes during the run
 
     @property
     def epochs(self) -> list[float]:
@@ -375,6 +377,23 @@ def _dhms(seconds: int) -> str:
     return f"{d:02d}:{h:02d}:{m:02d}:{s:02d}"
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds all processes of this machine have used since boot (``/proc/stat``: user,
+    nice, system, irq, softirq, steal over all CPUs); NaN where that file does not exist."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    except (OSError, ValueError):
+        return math.nan
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_training(
     dataset: str,
     optim: str,
@@ -418,8 +437,10 @@ def run_training(
         "        print('PEAK_GPU_MIB', _t.cuda.max_memory_allocated() / 2**20)\n"
     )
     load_before = os.getloadavg()[0]
+    busy0, child0 = busy_cpu_s(), _children_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    other = (busy_cpu_s() - busy0) - (_children_cpu_s() - child0)
     result = RunResult(
         dataset,
         optim,
@@ -429,6 +450,7 @@ def run_training(
         max_epochs=max_epochs_of(overrides),
         load_before=load_before,
         load_after=os.getloadavg()[0],
+        other_cpu_s=other,
     )
     (out / "bench_stdout.log").write_text(proc.stdout + "\n" + proc.stderr)
     for line in proc.stdout.splitlines():
@@ -875,17 +897,19 @@ def write_report(
     if runs:
         lines += [
             "",
-            "Runs in the order they ran (1-minute load average before / after each; the "
-            "run itself adds about the number of threads it uses):",
+            "Runs in the order they ran: 1-minute load average before / after each (it "
+            "lags: the previous run's threads still show at the start) and the CPU seconds "
+            "other processes used during the run (`/proc/stat` busy time minus the run's own "
+            "CPU time; ≈ 0 on an idle machine):",
             "",
-            "| data | optimizer | seed | wall s | load before / after | exit |",
-            "|---|---|---|---|---|---|",
+            "| data | optimizer | seed | wall s | load before / after | other CPU s | exit |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in runs:
             lines.append(
                 f"| {r.dataset} | {r.optim} | {r.seed} | {_fmt(r.wall_s, '.0f')} "
                 f"| {_fmt(r.load_before, '.2f')} / {_fmt(r.load_after, '.2f')} "
-                f"| {r.returncode} |"
+                f"| {_fmt(r.other_cpu_s, '.1f')} | {r.returncode} |"
             )
     if micro:
         m0 = micro[0]

@@ -47,6 +47,7 @@ from rlekf.runs import (
     reach,
     read_metrics_csv,
     s_per_epoch,
+    trained,
 )
 
 __all__ = [
@@ -81,7 +82,7 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("first_epochs_to_target_energy", "epochs to E target (first crossing)"),
     ("initial_force_rmse", "step-0 val F RMSE (eV/Å)"),
     ("epochs_to_half_force", "epochs until F RMSE halves (stays)"),
-    ("steps_to_half_force", "steps until F RMSE halves (stays)"),
+    ("steps_to_half_force", "optimizer steps until F RMSE halves (stays)"),
     ("epochs", "epochs"),
     ("train_s", "training time (s)"),
     ("s_per_epoch", "train s/epoch (whole epochs)"),
@@ -248,9 +249,9 @@ def run_metrics(run: Run, energy_target: float, force_target: float) -> dict[str
     last = run.curve[-1]
     out: dict[str, float] = {
         "final_force_rmse": last.force_rmse,
-        "best_force_rmse": min(p.force_rmse for p in run.curve),
+        "best_force_rmse": min(p.force_rmse for p in trained(run.curve)),
         "final_energy_rmse": last.energy_rmse,
-        "best_energy_rmse": _nanmin(p.energy_rmse for p in run.curve),
+        "best_energy_rmse": _nanmin(p.energy_rmse for p in trained(run.curve)),
         "epochs": last.epochs,
         "train_s": last.train_time,
         "s_per_epoch": s_per_epoch(run.curve),
@@ -267,7 +268,7 @@ def run_metrics(run: Run, energy_target: float, force_target: float) -> dict[str
     out["initial_force_rmse"] = start.force_rmse if start else nan
     half = dead_time(run.curve, "force") if start else None
     out["epochs_to_half_force"] = half.epochs if half else nan
-    out["steps_to_half_force"] = float(half.step) if half else nan
+    out["steps_to_half_force"] = half.optimizer_steps if half else nan
     for key, value in run.test.items():
         out[key] = value
     return out
@@ -381,17 +382,17 @@ def plot_curves(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
     for run, label in zip(runs, labels, strict=True):
         row = datas.index(run.factors["data"])
         color = cmap(groups.index(label) % cmap.N)
-        style = "--" if run.factors.get("optim") == "adam" else "-"
+        style = "--" if run.factors.get("optim", "").startswith("adam") else "-"
         ys = [p.force_rmse for p in run.curve]
         first = (run.factors["data"], label) not in seen
         seen.add((run.factors["data"], label))
-        epochs = [p.epoch + 1 for p in run.curve]
+        epochs = [p.epochs for p in run.curve]  # fractional; 0 for a step-0 point
         for col, xs in enumerate((epochs, [p.time_s for p in run.curve])):
             axes[row][col].plot(
                 xs, ys, style, marker="o", ms=3, color=color, label=label if first else None
             )
     for row, data in enumerate(datas):
-        for col, xlabel in enumerate(("epoch", "wall-clock since fit start (s)")):
+        for col, xlabel in enumerate(("training epochs", "wall-clock since fit start (s)")):
             ax = axes[row][col]
             ax.set_xlabel(xlabel)
             ax.set_ylabel("val force RMSE (eV/Å)")

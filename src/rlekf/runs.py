@@ -11,6 +11,8 @@ logs beside them. The accounting:
 * **epochs** are training epochs done, fractional when the budget cut the last one
   (``time/epochs``; else ``epoch + 1``); seconds per epoch come from whole epochs only;
 * **targets** are ``factor`` × the best validation RMSE of a set of runs;
+* a validation of the model before training (step 0, :func:`initial_point`) takes part in
+  neither: it is the reference of the dead time (:func:`dead_time`) only;
 * a run reaches a target at the first point from which its RMSE **stays** ≤ the target to the
   end of the run (primary), or at its **first crossing** (secondary);
 * an optimizer pair's ratio (Adam / Kalman) is exact when both reach the target, a lower bound
@@ -43,6 +45,7 @@ __all__ = [
     "read_metrics_csv",
     "s_per_epoch",
     "stays_below",
+    "trained",
 ]
 
 VAL_E = "val/energy_rmse"
@@ -50,6 +53,7 @@ VAL_F = "val/force_rmse"
 TIME = "time/elapsed_s"
 TRAIN_TIME = "time/train_s"
 EPOCHS = "time/epochs"
+OPT_STEPS = "time/optimizer_steps"
 CRITERIA = ("stay", "first")
 
 
@@ -66,6 +70,8 @@ class ValPoint:
         force_rmse: validation force RMSE (eV/Å).
         train_s: training seconds since the start of fit (``time/train_s``); NaN if not logged.
         epochs_done: training epochs done, fractional (``time/epochs``); NaN if not logged.
+        optimizer_steps: optimizer steps done (``time/optimizer_steps``, Lightning's
+            ``global_step``: Kalman updates in paper mode); NaN if not logged.
     """
 
     epoch: int
@@ -75,6 +81,7 @@ class ValPoint:
     force_rmse: float
     train_s: float = math.nan
     epochs_done: float = math.nan
+    optimizer_steps: float = math.nan
 
     @property
     def epochs(self) -> float:
@@ -123,7 +130,7 @@ def read_metrics_csv(path: str | Path) -> tuple[list[ValPoint], dict[str, float]
     path = Path(path)
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    by_epoch: dict[str, dict[int, float]] = {TIME: {}, TRAIN_TIME: {}, EPOCHS: {}}
+    by_epoch: dict[str, dict[int, float]] = {TIME: {}, TRAIN_TIME: {}, EPOCHS: {}, OPT_STEPS: {}}
     for row in rows:
         ep = _num(row.get("epoch"))
         for key, table in by_epoch.items():
@@ -153,6 +160,7 @@ def read_metrics_csv(path: str | Path) -> tuple[list[ValPoint], dict[str, float]
                     force_rmse=force,
                     train_s=clock(TRAIN_TIME),
                     epochs_done=clock(EPOCHS),
+                    optimizer_steps=clock(OPT_STEPS),
                 )
             )
         for key, value in row.items():
@@ -194,15 +202,22 @@ def reach(
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if math.isnan(target):
         return None
-    return (stays_below if criterion == "stay" else first_crossing)(curve, quantity, target)
+    rule = stays_below if criterion == "stay" else first_crossing
+    return rule(trained(curve), quantity, target)
 
 
 def initial_point(curve: Sequence[ValPoint]) -> ValPoint | None:
-    """The validation of the untrained model (step 0, no training epoch done), logged by
+    """The validation before training (step 0, no training epoch done), logged by
     ``EpochSummary(initial_point=True)``; None when the run has none."""
     if curve and curve[0].step == 0 and curve[0].epochs == 0.0:
         return curve[0]
     return None
+
+
+def trained(curve: Sequence[ValPoint]) -> Sequence[ValPoint]:
+    """The curve without its step-0 point (:func:`initial_point`): what targets, bests and
+    "reached" are read from (an untrained model does not reach a target)."""
+    return curve[1:] if initial_point(curve) is not None else curve
 
 
 def dead_time(
@@ -214,7 +229,7 @@ def dead_time(
     """The first validation from which the RMSE stays ≤ ``fraction`` × its value before
     training (``criterion="first"``: first crossing): "updates until the force RMSE halves".
 
-    Read ``.epochs`` (training epochs done) and ``.step`` (optimizer steps) of the result.
+    Read ``.epochs`` (training epochs done) and ``.optimizer_steps`` of the result.
 
     Args:
         curve: validation points whose first is the step-0 point (:func:`initial_point`).
@@ -235,12 +250,13 @@ def dead_time(
             "the run has no validation at step 0: train with "
             "callbacks.epoch_summary.initial_point=true trainer.num_sanity_val_steps=-1"
         )
-    return reach(curve[1:], quantity, fraction * _value(start, quantity), criterion)
+    return reach(curve, quantity, fraction * _value(start, quantity), criterion)
 
 
 def best(curves: Iterable[Sequence[ValPoint]], quantity: str) -> float:
-    """The lowest ``quantity`` RMSE over all points of all curves (NaN when there is none)."""
-    vals = [_value(p, quantity) for c in curves for p in c]
+    """The lowest ``quantity`` RMSE over all trained points of all curves (step-0 points left
+    out; NaN when there is none)."""
+    vals = [_value(p, quantity) for c in curves for p in trained(c)]
     vals = [v for v in vals if not math.isnan(v)]
     return min(vals) if vals else math.nan
 

@@ -7,7 +7,7 @@ import torch
 
 from rlekf import keys as K
 from rlekf.data import collate_atoms
-from rlekf.runs import dead_time, initial_point, read_metrics_csv
+from rlekf.runs import best, dead_time, initial_point, reach, read_metrics_csv
 from rlekf.train import train
 from tests.helpers.hydra import FAST_DATA, compose_cfg
 
@@ -54,16 +54,20 @@ def test_initial_point_is_the_untrained_models_validation(optim, tmp_path, data_
     start = initial_point(curve)
     assert start is not None and curve[0] is start
     assert start.epochs == 0.0 and start.train_s == 0.0 and start.step == 0
+    assert start.optimizer_steps == 0.0
     f_ref, e_ref = _untrained_val_rmse(tmp_path, data_dir)
     assert start.force_rmse == pytest.approx(f_ref, rel=1e-9)
     assert start.energy_rmse == pytest.approx(e_ref, rel=1e-9)
     # two validations per epoch after it, with their own clocks
     assert [p.epochs for p in curve[1:]] == pytest.approx([0.5, 1.0, 1.5, 2.0], abs=0.05)
     assert all(0 < a.train_s < b.train_s for a, b in zip(curve[1:], curve[2:], strict=False))
-    # the dead time reads this curve (None: these 2 short epochs did not halve the error)
-    half = dead_time(curve, "force")
-    after = curve[curve.index(half) :] if half is not None else []
-    assert all(p.force_rmse <= 0.5 * start.force_rmse for p in after)
+    # optimizer steps: 5 Kalman updates per batch in paper mode (1 energy + 24/6 force), one
+    # Adam step per batch; 18 batches of 2 frames per epoch, validated every 9 batches
+    per_batch = 5 if optim == "rlekf" else 1
+    assert [p.optimizer_steps for p in curve[1:]] == [per_batch * 9 * k for k in (1, 2, 3, 4)]
+    # the step-0 point is a reference only: no best, no target reached at step 0
+    assert best([curve], "force") == min(p.force_rmse for p in curve[1:])
+    assert reach(curve, "force", start.force_rmse + 1.0) is curve[1]
 
 
 def test_no_initial_point_without_the_whole_sanity_check(tmp_path, data_dir):

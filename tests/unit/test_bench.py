@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
+import time
 
 import pytest
 import torch
@@ -128,11 +130,12 @@ def test_report_lists_each_run_with_its_load_average(tmp_path):
     adam = _run(tmp_path, "adam", [1.0, 0.5], [1.0] * 2, 1.0)
     rlekf = _run(tmp_path, "rlekf", [0.9, 0.3], [1.0] * 2, 5.0)
     adam.load_before, adam.load_after, adam.wall_s = 0.25, 2.5, 123.4
+    rlekf.other_cpu_s = 3.31
     rlekf.returncode = 1
     text = write_report(tmp_path / "out", "cu", 10, [adam, rlekf], summarize([adam, rlekf]), [])
     text = text.read_text()
-    assert "| cu | adam | 0 | 123 | 0.25 / 2.50 | 0 |" in text
-    assert "| cu | rlekf | 0 | nan | nan / nan | 1 |" in text  # not measured: shown as such
+    assert "| cu | adam | 0 | 123 | 0.25 / 2.50 | nan | 0 |" in text
+    assert "| cu | rlekf | 0 | nan | nan / nan | 3.3 | 1 |" in text  # NaN: not measured
 
 
 def test_seeds_mean_std_and_ratio_of_means(tmp_path):
@@ -314,6 +317,18 @@ def test_tiny_end_to_end_training_run(tmp_path):
     assert all(p.clock == "train" for p in r.curve)
     assert r.train_s == sorted(r.train_s)
     assert all(0 < p.train_s < p.time_s for p in r.curve)
+    assert math.isfinite(r.other_cpu_s) and r.other_cpu_s < r.wall_s * os.cpu_count()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc/stat")
+def test_busy_cpu_counts_this_process():
+    from rlekf.bench import busy_cpu_s
+
+    before, cpu0 = busy_cpu_s(), time.process_time()
+    while time.process_time() - cpu0 < 0.3:  # 0.3 s of this process's CPU time
+        pass
+    # the machine's busy time grew by at least what this process used (others only add)
+    assert busy_cpu_s() - before >= 0.3 - 0.05
 
 
 def test_several_seeds_give_one_row_per_data_set_with_mean_and_calibration_error(

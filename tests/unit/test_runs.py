@@ -78,11 +78,17 @@ def test_ratio_of_means_bounds_both_ways():
 
 
 def _dead_curve(forces, *, start=True):
-    """Validation points 0.25 epoch apart (25 steps); the first at step 0 when ``start``."""
+    """Validation points 0.25 epoch apart (5 batches, 25 optimizer steps); the first at step 0
+    when ``start``."""
     out = []
     for k, f in enumerate(forces):
         j = k if start else k + 1
-        out.append(R.ValPoint(0, 25 * j, 1.0 * j, 0.1, f, train_s=1.0 * j, epochs_done=0.25 * j))
+        out.append(
+            R.ValPoint(
+                0, 5 * j, 1.0 * j, 0.1, f, train_s=1.0 * j, epochs_done=0.25 * j,
+                optimizer_steps=25.0 * j,
+            )
+        )  # fmt: skip
     return out
 
 
@@ -91,15 +97,20 @@ def test_dead_time_is_read_from_the_step_0_validation():
     curve = _dead_curve([1.0, 0.9, 0.6, 0.45, 0.55, 0.4, 0.3])
     assert R.initial_point(curve) is curve[0]
     hit = R.dead_time(curve, "force")
-    assert (hit.epochs, hit.step) == (1.25, 125)
+    assert (hit.epochs, hit.optimizer_steps) == (1.25, 125)
     first = R.dead_time(curve, "force", criterion="first")
-    assert (first.epochs, first.step) == (0.75, 75)
+    assert (first.epochs, first.optimizer_steps) == (0.75, 75)
     assert R.dead_time(curve, "force", fraction=0.25) is None  # never below 0.25
-    assert R.dead_time(curve, "force", fraction=0.95).step == 25
+    assert R.dead_time(curve, "force", fraction=0.95).optimizer_steps == 25
     # the reference is the step-0 value, not the best or the first trained point
-    assert R.dead_time(_dead_curve([2.0, 0.9, 0.6, 0.45]), "force").step == 25
+    assert R.dead_time(_dead_curve([2.0, 0.9, 0.6, 0.45]), "force").optimizer_steps == 25
     with pytest.raises(ValueError, match="fraction"):
         R.dead_time(curve, "force", fraction=1.0)
+    # the step-0 point takes no part in bests and targets: a target above the untrained
+    # error is reached at the first trained point, not at step 0
+    assert R.trained(curve) == curve[1:]
+    assert R.reach(curve, "force", 5.0) is curve[1] and R.reach(curve, "force", 5.0, "first")
+    assert R.best([_dead_curve([0.1, 0.9, 0.6])], "force") == 0.6
 
 
 def test_dead_time_needs_a_step_0_point():

@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from rlekf import keys as K
 from rlekf.optim.distributed import ShardedRLEKF
@@ -52,13 +52,17 @@ class EpochSummary(L.Callback):
     * ``time/val_s``: time spent validating (sanity check included).
     * ``time/epochs``: training epochs done, fractional when the run stopped inside an epoch
       (e.g. ``max_time``): ``epoch + batches done / batches per epoch``.
+    * ``time/optimizer_steps``: optimizer steps done (Lightning's ``global_step``: Kalman
+      updates in paper mode, batches in fused mode and for Adam; the CSV ``step`` column
+      counts batches).
 
     Args:
-        initial_point: also log the validation metrics of the untrained model, at step 0 with
-            ``time/epochs`` = ``time/train_s`` = 0, from Lightning's sanity check over the whole
-            validation set (needs ``trainer.num_sanity_val_steps=-1``; a resumed run runs no
-            sanity check and logs none). This is the reference of "updates until the force
-            RMSE halves" (:func:`rlekf.runs.dead_time`).
+        initial_point: also log the validation metrics of the model before training (the
+            untrained model; with ``ckpt_init`` the loaded one), at step 0 with ``time/epochs``
+            = ``time/train_s`` = ``time/optimizer_steps`` = 0, from Lightning's sanity check
+            over the whole validation set (needs ``trainer.num_sanity_val_steps=-1``; a resumed
+            run runs no sanity check and logs none). This is the reference of "updates until
+            the force RMSE halves" (:func:`rlekf.runs.dead_time`).
     """
 
     def __init__(self, initial_point: bool = False) -> None:
@@ -132,12 +136,14 @@ class EpochSummary(L.Callback):
                 "time/train_s": 0.0,
                 "time/val_s": self.val_s + (now - self._val_since if self._val_since else 0.0),
                 "time/epochs": 0.0,
+                "time/optimizer_steps": 0.0,
             }
         )
         for lg in trainer.loggers:
             lg.log_metrics(row, step=0)
-        log.info(
-            "initial validation (untrained): %s",
+            lg.save()
+        rank_zero_info(
+            "initial validation (before training): %s",
             ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith("val/")),
         )
 
@@ -195,6 +201,7 @@ class EpochSummary(L.Callback):
             ("time/train_s", self.train_time()),
             ("time/val_s", self.val_s + (now - self._val_since if self._val_since else 0.0)),
             ("time/epochs", self.epochs_done(trainer)),
+            ("time/optimizer_steps", float(trainer.global_step)),
         ):
             pl_module.log(key, value, on_step=False, on_epoch=True)
 
