@@ -37,6 +37,7 @@ def test_every_sweep_has_a_smoke_variant():
     assert set(FULL_SWEEPS) == {
         "block_size",
         "block_size_cu_pwmat",
+        "block_size_si_mlearn",
         "dead_time_cu_pwmat",
         "divergence_cu_pwmat",
         "init",
