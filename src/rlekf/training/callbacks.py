@@ -85,6 +85,11 @@ class EpochSummary(L.Callback):
             self.train_s += time.perf_counter() - self._run_since
             self._run_since = None
 
+    def val_time(self, now: float) -> float:
+        """Validation seconds up to ``now`` (a ``time.perf_counter()`` value; the running
+        validation included)."""
+        return self.val_s + (now - self._val_since if self._val_since else 0.0)
+
     def train_time(self) -> float:
         """Training seconds so far (the running interval included)."""
         running = time.perf_counter() - self._run_since if self._run_since is not None else 0.0
@@ -113,10 +118,7 @@ class EpochSummary(L.Callback):
     def on_sanity_check_end(self, trainer, pl_module) -> None:
         if not self.initial_point or trainer.global_step != 0:
             return
-        if not (
-            isinstance(trainer.num_sanity_val_steps, float)
-            and trainer.num_sanity_val_steps == float("inf")
-        ):
+        if trainer.num_sanity_val_steps != float("inf"):  # -1 becomes inf in Lightning
             log.warning(
                 "EpochSummary(initial_point=True) needs the sanity check to cover the whole "
                 "validation set (trainer.num_sanity_val_steps=-1; it is %s): no step-0 point "
@@ -134,7 +136,7 @@ class EpochSummary(L.Callback):
                 "epoch": 0,
                 "time/elapsed_s": now - self.t0 if self.t0 is not None else 0.0,
                 "time/train_s": 0.0,
-                "time/val_s": self.val_s + (now - self._val_since if self._val_since else 0.0),
+                "time/val_s": self.val_time(now),
                 "time/epochs": 0.0,
                 "time/optimizer_steps": 0.0,
             }
@@ -199,7 +201,7 @@ class EpochSummary(L.Callback):
         for key, value in (
             ("time/elapsed_s", now - self.t0),
             ("time/train_s", self.train_time()),
-            ("time/val_s", self.val_s + (now - self._val_since if self._val_since else 0.0)),
+            ("time/val_s", self.val_time(now)),
             ("time/epochs", self.epochs_done(trainer)),
             ("time/optimizer_steps", float(trainer.global_step)),
         ):
