@@ -1,9 +1,11 @@
 """Spread of final validation errors across weight initialisations, per optimizer.
 
-    .venv/bin/python bench/cpu/init_spread.py REPORT_DIR [OUT.png]
+    .venv/bin/python bench/cpu/init_spread.py REPORT_DIR [LABEL=REPORT_DIR ...] [OUT.png]
 
 ``REPORT_DIR`` is what ``rlekf-report`` wrote for an ``init`` sweep (``runs.csv``: one row per
-run with ``optim``, ``init``, ``init_scale``, ``seed`` and the final RMSEs). Prints, per
+run with ``optim``, ``init``, ``init_scale``, ``seed`` and the final RMSEs). Several reports
+are pooled; ``LABEL=REPORT_DIR`` appends `` LABEL`` to the optimizer names of that report's
+runs (e.g. ``"lr1e-2=logs/report_adam_lr"`` for a re-run of Adam with another learning rate). Prints, per
 optimizer, the spread of the final force (eV/Å) and energy (eV/atom) RMSE over all its runs
 (every scheme × scale × seed): mean, sample std, coefficient of variation, min, max and
 max / min (runs whose final error is not finite are counted apart); then the grid scheme ×
@@ -24,9 +26,24 @@ def _f(text: str) -> float:
     return float(text) if text not in ("", None) else math.nan
 
 
-def load(report_dir: str | Path) -> list[dict]:
+def load(report_dir: str | Path, label: str | None = None) -> list[dict]:
+    """The finished runs of one report; with ``label``, their ``optim`` becomes
+    ``"<optim> <label>"``."""
     with open(Path(report_dir) / "runs.csv", newline="") as fh:
-        return [r for r in csv.DictReader(fh) if r.get("status", "ok") == "ok"]
+        rows = [r for r in csv.DictReader(fh) if r.get("status", "ok") == "ok"]
+    if label:
+        for r in rows:
+            r["optim"] = f"{r['optim']} {label}"
+    return rows
+
+
+def load_all(specs: list[str]) -> list[dict]:
+    """Pool the reports ``specs`` (each ``REPORT_DIR`` or ``LABEL=REPORT_DIR``)."""
+    rows: list[dict] = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        rows += load(path, label) if sep else load(spec)
+    return rows
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -48,8 +65,8 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def main(report_dir: str, png: str | None = None) -> int:
-    rows = load(report_dir)
+def main(specs: list[str], png: str | None = None) -> int:
+    rows = load_all(specs)
     optims = sorted({r["optim"] for r in rows})
     print("| optimizer | runs | quantity | mean | std | std / mean | min | max | max / min |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -104,6 +121,8 @@ def main(report_dir: str, png: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
+    args = sys.argv[1:]
+    out_png = args.pop() if args and args[-1].endswith(".png") else None
+    if not args:
         sys.exit(__doc__)
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(main(args, out_png))

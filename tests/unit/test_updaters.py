@@ -172,6 +172,61 @@ def test_update_makes_one_energy_and_n_select_over_group_force_updates(setup):
     model.load_state_dict(state)
 
 
+@pytest.mark.parametrize("mode", ["paper", "fused"])
+def test_energy_warm_start_makes_energy_updates_only_for_its_batches(setup, mode):
+    """The first ``energy_warmup_batches`` batches: one energy update each, and the same
+    weights, P and lambda as a filter driven by energy measurements alone; then the paper's
+    1 + n_select/group_size updates per batch."""
+    model, batch = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = RLEKF(model.parameters(), block_size=64)
+    up = KalmanUpdater(n_select=12, group_size=4, seed=3, mode=mode, energy_warmup_batches=2)
+    counts = []
+    for _ in range(3):
+        before = opt.n_updates
+        up.update(model, batch, opt)
+        counts.append(opt.n_updates - before)
+        if len(counts) == 2:
+            warm = [p.detach().clone() for p in model.parameters()]
+            warm_p = [b.clone() for b in opt.covariance]
+            warm_lam = opt.lam
+    assert counts == [1, 1, 4]
+    assert up.n_batches == 3
+    # reference: two bare energy measurements, each followed by one Kalman step (§1.4)
+    model.load_state_dict(state)
+    ref_opt = RLEKF(model.parameters(), block_size=64)
+    ref = KalmanUpdater(seed=3)
+    for _ in range(2):
+        ref_opt.zero_grad(set_to_none=True)
+        eps, _ = ref.energy_measurement(model, batch, n=4)
+        ref_opt.step(error=eps)
+    for got, want in zip(warm, model.parameters(), strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14)
+    assert warm_lam == pytest.approx(ref_opt.lam, rel=1e-15)
+    for got, want in zip(warm_p, ref_opt.covariance, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    model.load_state_dict(state)
+
+
+def test_energy_warm_start_counter_is_checkpointed():
+    a = KalmanUpdater(energy_warmup_batches=5)
+    a.n_batches = 3
+    b = KalmanUpdater(energy_warmup_batches=5)
+    b.load_state_dict(a.state_dict())
+    assert b.n_batches == 3 and b.measures_forces is False
+    b.n_batches = 5
+    assert b.measures_forces is True
+    old = a.state_dict()
+    del old["n_batches"]  # a checkpoint written before the warm start existed
+    c = KalmanUpdater()
+    c.load_state_dict(old)
+    assert c.n_batches == 0 and c.measures_forces is True
+    with pytest.raises(ValueError, match="energy_warmup_batches"):
+        KalmanUpdater(energy_warmup_batches=-1)
+    with pytest.raises(ValueError, match="train_energy"):
+        KalmanUpdater(energy_warmup_batches=1, train_energy=False)
+
+
 def test_atom_sampling_is_seeded_and_checkpointable():
     a, b = KalmanUpdater(seed=7), KalmanUpdater(seed=7)
     draws_a = torch.randint(10, (24,), generator=a.generator)

@@ -173,6 +173,10 @@ class KalmanUpdater:
             group of atoms no longer depends on how many other atoms the frame holds; equal to
             the paper's on frames of ``N`` atoms). The energy and virial measurements are
             per-atom quantities already and are not affected.
+        energy_warmup_batches: the first this many batches (counted by this updater, kept in
+            its state) make no force measurement: [virial +] energy updates only (an
+            energy-only warm start; 0, the default, is the paper's schedule). Needs
+            ``train_energy``.
     """
 
     MODES = ("paper", "fused")
@@ -195,6 +199,7 @@ class KalmanUpdater:
         seed: int = 0,
         mode: str = "paper",
         force_norm_atoms: int | None = None,
+        energy_warmup_batches: int = 0,
     ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"Invalid mode: {mode!r} (expected one of {self.MODES})")
@@ -208,6 +213,10 @@ class KalmanUpdater:
             raise ValueError("at least one of train_energy/train_force/train_virial must be true")
         if force_norm_atoms is not None and int(force_norm_atoms) < 1:
             raise ValueError(f"force_norm_atoms must be a positive count, got {force_norm_atoms}")
+        if int(energy_warmup_batches) < 0:
+            raise ValueError(f"energy_warmup_batches must be >= 0, got {energy_warmup_batches}")
+        if int(energy_warmup_batches) > 0 and not train_energy:
+            raise ValueError("energy_warmup_batches > 0 needs train_energy (an energy warm start)")
         self.energy_prefactor = float(energy_prefactor)
         self.force_prefactor = float(force_prefactor)
         self.n_select = int(n_select)
@@ -218,9 +227,12 @@ class KalmanUpdater:
         self.virial_prefactor = float(virial_prefactor)
         self.mode = mode
         self.force_norm_atoms = None if force_norm_atoms is None else int(force_norm_atoms)
+        self.energy_warmup_batches = int(energy_warmup_batches)
         self.generator = torch.Generator().manual_seed(int(seed))
         #: virial measurements made so far (0 until a batch with virial labels was trained)
         self.n_virial_updates = 0
+        #: batches updated on so far (the energy warm start counts them)
+        self.n_batches = 0
 
     @property
     def trains_virial(self) -> bool:
@@ -235,11 +247,22 @@ class KalmanUpdater:
         return self.n_virial_updates > 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "n_virial_updates": self.n_virial_updates}
+        return {
+            "generator": self.generator.get_state(),
+            "n_virial_updates": self.n_virial_updates,
+            "n_batches": self.n_batches,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.n_virial_updates = int(state.get("n_virial_updates", 0))  # absent before virials
+        self.n_batches = int(state.get("n_batches", 0))  # absent before the energy warm start
+
+    @property
+    def measures_forces(self) -> bool:
+        """Whether the next batch makes force measurements (``train_force`` and the energy
+        warm start is over)."""
+        return self.train_force and self.n_batches >= self.energy_warmup_batches
 
     def _virial_frames(self, batch: Mapping[str, Tensor]) -> Tensor | None:
         """``(B,)`` bool mask of the frames the virial measurement uses, ``None`` for none."""
@@ -379,6 +402,7 @@ class KalmanUpdater:
             out = self._update_fused(model, batch, optimizer, n)
         else:
             out = self._update_paper(model, batch, optimizer, n)
+        self.n_batches += 1
         return UpdateResult(out, skipped=_n_skipped(optimizer) - before)
 
     def _update_paper(self, model, batch, optimizer, n: int) -> dict[str, Tensor]:
@@ -394,7 +418,7 @@ class KalmanUpdater:
             optimizer.zero_grad(set_to_none=True)
             eps, out = self.energy_measurement(model, batch, n)
             optimizer.step(error=eps)
-        if self.train_force:
+        if self.measures_forces:
             atoms = torch.randint(n, (self.n_select,), generator=self.generator)
             for group in atoms.reshape(-1, self.group_size):
                 optimizer.zero_grad(set_to_none=True)
@@ -407,7 +431,7 @@ class KalmanUpdater:
 
     def _update_fused(self, model, batch, optimizer, n: int) -> dict[str, Tensor]:
         groups = None
-        if self.train_force:
+        if self.measures_forces:
             atoms = torch.randint(n, (self.n_select,), generator=self.generator)
             groups = atoms.reshape(-1, self.group_size).to(batch[K.FORCES].device)
         params = optimizer.param_groups[0]["params"]
