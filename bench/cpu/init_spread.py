@@ -5,12 +5,13 @@
 ``REPORT_DIR`` is what ``rlekf-report`` wrote for an ``init`` sweep (``runs.csv``: one row per
 run with ``optim``, ``init``, ``init_scale``, ``seed`` and the final RMSEs). Several reports
 are pooled; ``LABEL=REPORT_DIR`` appends `` LABEL`` to the optimizer names of that report's
-runs (e.g. ``"lr1e-2=logs/report_adam_lr"`` for a re-run of Adam with another learning rate). Prints, per
-optimizer, the spread of the final force (eV/Å) and energy (eV/atom) RMSE over all its runs
-(every scheme × scale × seed): mean, sample std, coefficient of variation, min, max and
-max / min (runs whose final error is not finite are counted apart); then the grid scheme ×
-scale of the mean final force / energy RMSE over seeds, one column per optimizer. With
-``OUT.png``: the final errors per run, one column of points per optimizer, coloured by scheme.
+runs (e.g. ``"lr1e-2=logs/report_adam_lr"`` for a re-run of Adam with another learning
+rate). Prints, per optimizer, the spread of the final force (eV/Å) and energy (eV/atom) RMSE
+over all its runs (every scheme × scale × seed): mean, sample std, coefficient of variation,
+min, max and max / min (runs whose final error is not finite are counted apart); then the
+grid scheme × scale of the mean final force / energy RMSE over seeds, one column per
+optimizer. With ``OUT.png``: the final errors per run, one column of points per optimizer,
+coloured by scheme.
 """
 
 from __future__ import annotations
