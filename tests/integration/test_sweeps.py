@@ -44,6 +44,7 @@ def test_every_sweep_has_a_smoke_variant():
         "init_cu_pwmat",
         "block_size_x_init",
         "optimizer_compare",
+        "warm_start_cu_pwmat",
     }
     assert {f"smoke_{s}" for s in FULL_SWEEPS} <= set(SWEEPS)
 
