@@ -43,7 +43,10 @@ def load_all(specs: list[str]) -> list[dict]:
     rows: list[dict] = []
     for spec in specs:
         label, sep, path = spec.partition("=")
-        rows += load(path, label) if sep else load(spec)
+        if Path(spec).is_dir() or not sep or "/" in label:  # a folder whose name holds "="
+            rows += load(spec)
+        else:
+            rows += load(path, label)
     return rows
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 
@@ -83,3 +85,21 @@ def test_no_initial_point_without_the_whole_sanity_check(tmp_path, data_dir):
     assert initial_point(curve) is None and curve[0].epochs > 0
     with pytest.raises(ValueError, match="no validation at step 0"):
         dead_time(curve)
+
+
+def test_energy_warm_start_in_a_training_run(tmp_path, data_dir):
+    """``optim.updater.energy_warmup_batches=27``: 1 Kalman update per batch for 27 batches,
+    then 5; the energy-only epoch logs training energy metrics but no training force metrics."""
+    over = ["optim=rlekf", "optim.updater.energy_warmup_batches=27"]
+    cfg = compose_cfg("train", [*OVERRIDES, *over], tmp_path, data_dir)
+    train(cfg)
+    metrics = tmp_path / "csv" / "metrics.csv"
+    curve, _ = read_metrics_csv(metrics)
+    # validated every 9 batches of 18 per epoch: after 9, 18, 27 energy-only batches, then 9
+    # batches of 1 energy + 24/6 force updates
+    assert [p.optimizer_steps for p in curve] == [9, 18, 27, 27 + 9 * 5]
+    with open(metrics, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("train/energy_rmse")]
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert rows[0]["train/force_rmse"] == ""  # epoch 0: no force measurement, no force metric
+    assert float(rows[1]["train/force_rmse"]) > 0

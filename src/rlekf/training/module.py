@@ -164,8 +164,9 @@ class ForceFieldModule(L.LightningModule):
             self.log(name, value, on_step=True, on_epoch=True, batch_size=bs)
         for name, value in result.logs.items():
             self.log(name, value, on_step=True, on_epoch=False, batch_size=bs)
-        if K.FORCES in result.predictions:
-            self.metrics["stage_train"].update(result.predictions, batch)
+        # energy-only batches (no force measurement: energy warm start, train_force=false)
+        # count in the energy metrics; the force metrics skip them
+        self.metrics["stage_train"].update(result.predictions, batch)
 
     def _check_skips(self, skipped: bool, what: str) -> None:
         self._consecutive_skips = self._consecutive_skips + 1 if skipped else 0
