@@ -20,6 +20,7 @@ from rlekf.utils.instantiate import (
     instantiate_many,
     instantiate_model,
     print_config,
+    reproducible_blas_by_default,
     wandb_offline_by_default,
 )
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (and optionally test) as the config says; returns (metrics, objects)."""
     wandb_offline_by_default()
+    reproducible_blas_by_default()
     if cfg.get("extras", {}).get("ignore_warnings"):
         warnings.filterwarnings("ignore")
     if cfg.get("extras", {}).get("print_config"):

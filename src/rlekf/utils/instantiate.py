@@ -24,6 +24,18 @@ def wandb_offline_by_default() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def reproducible_blas_by_default() -> None:
+    """Intel MKL runs in its strict reproducible mode unless ``MKL_CBWR`` says otherwise.
+
+    Called by ``rlekf-train`` before any computation. In MKL's default mode the bits of a
+    result may depend on the operands' memory alignment (seen on AVX-512 CPUs), so a resumed
+    run could differ from an uninterrupted one in the last bit; ``MKL_CBWR=AUTO,STRICT`` keeps
+    MKL's fastest code path for the CPU and makes it independent of alignment. Set
+    ``MKL_CBWR=AUTO`` to opt out.
+    """
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
 def instantiate_many(cfg: DictConfig | None, what: str) -> list[Any]:
     """Instantiate every ``_target_`` node directly under ``cfg`` (callbacks or loggers)."""
     out: list[Any] = []
