@@ -7,6 +7,7 @@
 set -euo pipefail
 out=${1:-logs/mkl_strict_cost}
 reps=${2:-2}
+mkdir -p "$out"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WANDB_MODE=offline
 for r in $(seq 1 "$reps"); do
   for optim in rlekf adam; do
