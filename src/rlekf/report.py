@@ -240,12 +240,19 @@ def run_metrics(run: Run, energy_target: float, force_target: float) -> dict[str
     ``epochs_to_target_*`` / ``time_to_target_*_s``: training epochs done (fractional for a
     truncated last epoch) and training seconds (``time/train_s``; the wall-clock for older
     logs, ``clock`` says which) at the first validation from which the RMSE stays ≤ the target
-    to the end of the run; ``first_*``: at its first crossing. Not reached: NaN.
+    to the end of the run; ``first_*``: at its first crossing. Not reached: NaN. A run with
+    no validation after its step-0 point (stopped before it, e.g. diverged) has only
+    ``initial_force_rmse``; everything else is NaN.
     ``s_per_epoch``: training seconds per whole epoch (:func:`rlekf.runs.s_per_epoch`).
     """
     nan = math.nan
     if not run.curve:
         return {key: nan for key, _ in METRICS}
+    start = initial_point(run.curve)
+    if not trained(run.curve):  # stopped (e.g. diverged) before its first validation
+        out = {key: nan for key, _ in METRICS}
+        out["initial_force_rmse"] = start.force_rmse if start else nan
+        return out
     last = run.curve[-1]
     out: dict[str, float] = {
         "final_force_rmse": last.force_rmse,
@@ -264,7 +271,6 @@ def run_metrics(run: Run, energy_target: float, force_target: float) -> dict[str
             hit = reach(run.curve, quantity, target, criterion)
             out[f"{prefix}epochs_to_target_{quantity}"] = hit.epochs if hit else nan
             out[f"{prefix}time_to_target_{quantity}_s"] = hit.train_time if hit else nan
-    start = initial_point(run.curve)
     out["initial_force_rmse"] = start.force_rmse if start else nan
     half = dead_time(run.curve, "force") if start else None
     out["epochs_to_half_force"] = half.epochs if half else nan

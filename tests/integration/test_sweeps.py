@@ -40,6 +40,7 @@ def test_every_sweep_has_a_smoke_variant():
         "block_size_si_mlearn",
         "dead_time_cu_pwmat",
         "divergence_cu_pwmat",
+        "divergence_sgd_cu_pwmat",
         "init",
         "init_cu_pwmat",
         "block_size_x_init",

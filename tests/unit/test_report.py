@@ -133,6 +133,25 @@ def test_targets_and_run_metrics(sweep):
     assert m4["best_force_rmse"] == 0.11
 
 
+def test_a_run_stopped_before_its_first_validation_has_only_its_step_0_point(sweep, tmp_path):
+    job = _job(sweep, 7, seed=3, curve=[], metrics=False)
+    (job / "csv").mkdir()
+    (job / "csv" / "metrics.csv").write_text(
+        "epoch,step,time/elapsed_s,time/train_s,time/epochs,val/energy_rmse,val/force_rmse\n"
+        "0,0,0.5,0.0,0.0,0.3,0.9\n"  # the untrained model, then the run stopped
+    )
+    run = R.load_run(job)
+    assert run.status == "ok" and len(run.curve) == 1
+    m = R.run_metrics(run, 0.1, 0.1)
+    assert m["initial_force_rmse"] == 0.9
+    assert all(math.isnan(v) for k, v in m.items() if k != "initial_force_rmse")
+    rep = R.build_report(sweep, tmp_path / "out")  # the report still builds
+    with (tmp_path / "out" / "runs.csv").open() as fh:
+        rows = {r["job"]: r for r in csv.DictReader(fh)}
+    assert rows["7"]["initial_force_rmse"] == "0.9" and rows["7"]["final_force_rmse"] == ""
+    assert rep.files
+
+
 def test_varying_overrides_and_group_labels(sweep):
     runs = [R.load_run(p) for p in R.find_job_dirs(sweep)]
     keys = R.varying_overrides(runs)

@@ -285,10 +285,21 @@ def test_gradient_update_skips_non_finite_loss(setup):
     bad[K.ENERGY] = batch[K.ENERGY].clone()
     bad[K.ENERGY][0] = float("nan")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    out = GradientUpdater(stop_steps=10).update(model, bad, opt)
+    up = GradientUpdater(stop_steps=10)
+    out = up.update(model, bad, opt)
     assert out.skipped == 1 and out.logs["train/lr"] == pytest.approx(1e-3)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+    # the run's count of skipped steps is logged, kept in the state and resumed
+    assert out.logs["train/skipped"] == 1.0
+    assert up.update(model, batch, opt).logs["train/skipped"] == 1.0  # a good step adds none
+    assert up.update(model, bad, opt).logs["train/skipped"] == 2.0
+    resumed = GradientUpdater(stop_steps=10)
+    resumed.load_state_dict(up.state_dict())
+    assert resumed.n_skipped == 2
+    old = {k: v for k, v in up.state_dict().items() if k != "n_skipped"}  # an older checkpoint
+    resumed.load_state_dict(old)
+    assert resumed.n_skipped == 0 and resumed.step_count == 3
 
 
 def test_lightning_reshuffles_the_grouped_sampler_every_epoch():

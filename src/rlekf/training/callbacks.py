@@ -454,21 +454,36 @@ class StepSizeLog(L.Callback):
     One row per training batch: ``epoch``, ``step`` (global), ``n_atoms`` (of the batch's
     frames), ``energy_error`` (mean |E_label - E_pred| / n before the batch's update, eV/atom,
     from one extra forward pass), ``step_norm`` (‖Δw‖₂ over all parameters of the whole
-    batch's update), ``max_step`` (max |Δw|) and, for a Kalman optimizer, ``innovation`` (its
-    ``last_innovation``). Written by rank 0 to ``<log dir>/<filename>`` (the trainer's
-    ``default_root_dir`` without a logger); rows are flushed every batch.
+    batch's update), ``max_step`` (max |Δw|), for a Kalman optimizer ``innovation`` (its
+    ``last_innovation``, else NaN), ``energy_bias`` (mean (E_pred - E_label) / n before the
+    update, signed, eV/atom) and ``energy_change`` (mean change of E_pred / n of the batch's
+    frames made by the update, eV/atom, from a second extra forward pass). Written by rank 0
+    to ``<log dir>/<filename>`` (the trainer's ``default_root_dir`` without a logger); rows are
+    flushed every batch.
 
     Args:
         filename: CSV name, relative to the log folder.
     """
 
-    COLUMNS = ("epoch", "step", "n_atoms", "energy_error", "step_norm", "max_step", "innovation")
+    COLUMNS = (
+        "epoch",
+        "step",
+        "n_atoms",
+        "energy_error",
+        "step_norm",
+        "max_step",
+        "innovation",
+        "energy_bias",
+        "energy_change",
+    )
 
     def __init__(self, filename: str = "step_sizes.csv") -> None:
         self.filename = filename
         self._file = None
         self._before: torch.Tensor | None = None
         self._error = float("nan")
+        self._bias = float("nan")
+        self._e_before: torch.Tensor | None = None
 
     def _weights(self, pl_module) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1).double() for p in pl_module.model.parameters()])
@@ -500,6 +515,8 @@ class StepSizeLog(L.Callback):
             e_pred = pl_module.model(batch, forces=False)[K.ENERGY].double()
         n = batch[K.N_ATOMS].to(torch.float64)
         self._error = float(torch.mean(torch.abs(batch[K.ENERGY].double() - e_pred) / n))
+        self._bias = float(torch.mean((e_pred - batch[K.ENERGY].double()) / n))
+        self._e_before = e_pred / n
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._file is None or self._before is None:
@@ -507,6 +524,9 @@ class StepSizeLog(L.Callback):
         dw = self._weights(pl_module) - self._before
         opt = _kalman_optimizer(trainer)
         innovation = opt.last_innovation if opt is not None else float("nan")
+        with torch.no_grad():
+            e_after = pl_module.model(batch, forces=False)[K.ENERGY].double()
+        change = float(torch.mean(e_after / batch[K.N_ATOMS].to(torch.float64) - self._e_before))
         row = (
             trainer.current_epoch,
             trainer.global_step,
@@ -515,6 +535,8 @@ class StepSizeLog(L.Callback):
             float(torch.linalg.vector_norm(dw)),
             float(dw.abs().max()),
             innovation,
+            self._bias,
+            change,
         )
         self._file.write(",".join(repr(v) if isinstance(v, float) else str(v) for v in row))
         self._file.write("\n")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 
 from rlekf.data import keys as K
 
@@ -18,6 +18,9 @@ class ForceFieldMetrics(nn.Module):
 
     Energy errors are per atom (E_pred − E_label)/n in eV/atom; force errors are over all
     Cartesian components in eV/Å; virial errors per atom in eV/atom (only when requested).
+    ``energy_mean_error`` is the signed mean of the per-atom energy errors over the frames
+    (eV/atom): the constant offset part of ``energy_rmse`` (its spread about the mean is
+    ``sqrt(energy_rmse² − energy_mean_error²)``).
     """
 
     def __init__(self, virial: bool = False) -> None:
@@ -25,6 +28,7 @@ class ForceFieldMetrics(nn.Module):
         metrics = {
             "energy_rmse": MeanSquaredError(squared=False),
             "energy_mae": MeanAbsoluteError(),
+            "energy_mean_error": MeanMetric(nan_strategy="disable"),
             "force_rmse": MeanSquaredError(squared=False),
             "force_mae": MeanAbsoluteError(),
         }
@@ -41,6 +45,7 @@ class ForceFieldMetrics(nn.Module):
         m = self.metrics
         m["energy_rmse"].update(e_p, e_l)
         m["energy_mae"].update(e_p, e_l)
+        m["energy_mean_error"].update(e_p - e_l)
         if K.FORCES in preds:
             f_p = preds[K.FORCES].to(torch.float64).reshape(-1)
             f_l = batch[K.FORCES].to(torch.float64).reshape(-1)

@@ -502,6 +502,7 @@ class GradientUpdater:
             "v": (float(start_pref_v), float(limit_pref_v)),
         }
         self.step_count = 0
+        self.n_skipped = 0
         self.last_lr = self.start_lr
 
     @property
@@ -528,12 +529,14 @@ class GradientUpdater:
             "step_count": self.step_count,
             "stop_steps": self.stop_steps,
             "decay_steps": self.decay_steps,
+            "n_skipped": self.n_skipped,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step_count = int(state["step_count"])
         self.stop_steps = state["stop_steps"]
         self.decay_steps = state["decay_steps"]
+        self.n_skipped = int(state.get("n_skipped", 0))  # absent in checkpoints before 2026-12-04
 
     def lr(self, step: int) -> float:
         self.configure(1_000_000)
@@ -573,8 +576,9 @@ class GradientUpdater:
                 ``manual_backward`` (under DDP that is what all-reduces the gradients).
 
         Returns:
-            the predictions, ``skipped`` 1 for a skipped step, the learning rate to log
-            (``train/lr``) and the loss to log and average over the epoch (``train/loss``).
+            the predictions, ``skipped`` 1 for a skipped step, the learning rate and the
+            number of steps skipped so far in the run to log (``train/lr``,
+            ``train/skipped``) and the loss to log and average over the epoch (``train/loss``).
         """
         lr = self.lr(self.step_count)
         self.last_lr = lr
@@ -596,10 +600,11 @@ class GradientUpdater:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        self.n_skipped += int(skipped)
         preds = {k: v.detach() for k, v in out.items()}
         return UpdateResult(
             preds,
             skipped=int(skipped),
-            logs={"train/lr": lr},
+            logs={"train/lr": lr, "train/skipped": float(self.n_skipped)},
             epoch_logs={"train/loss": loss.detach()},
         )
