@@ -10,7 +10,10 @@ run: the median share of the energy MSE that is offset (mean² / RMSE²) and the
 epoch-to-epoch jump (|log10| of the ratio of consecutive validations) of the RMSE and of the
 spread, after the first epoch. From the step log: per quarter epoch, the mean signed offset of
 the training frames before their update and the summed change of their energy per atom made
-by the updates (what drifts the offset), split by frame size.
+by the updates (what drifts the offset), split by frame size; per training epoch, how much of
+a frame's own energy offset its update removes: the medians of |offset before|, |change| and
+|offset after| (meV/atom) and the least-squares slope and correlation of the change against
+the offset before (slope -1: the update removes the frame's whole offset).
 """
 
 from __future__ import annotations
@@ -63,6 +66,23 @@ def total(rows: list[dict[str, float]]) -> float:
     return 1e3 * sum(r["energy_change"] for r in rows if math.isfinite(r["energy_change"]))
 
 
+def own_frame(rows: list[dict[str, float]]) -> str:
+    """Medians of |offset before|, |change|, |offset after| and the slope and correlation of
+    the change against the offset before, as the cells of a Markdown row (meV/atom)."""
+    b = [1e3 * r["energy_bias"] for r in rows]
+    d = [1e3 * r["energy_change"] for r in rows]
+    after = [x + y for x, y in zip(b, d, strict=True)]
+    mb, md = statistics.fmean(b), statistics.fmean(d)
+    slope = sum((x - mb) * (y - md) for x, y in zip(b, d, strict=True)) / sum(
+        (x - mb) ** 2 for x in b
+    )
+    return (
+        f"{statistics.median(map(abs, b)):.0f} | {statistics.median(map(abs, d)):.0f} | "
+        f"{statistics.median(map(abs, after)):.0f} | {slope:.2f} | "
+        f"{statistics.correlation(b, d):.2f}"
+    )
+
+
 def jumps(values: list[float]) -> float:
     """Median |log10(v[i+1] / v[i])| over consecutive finite positive values (NaN: < 2)."""
     v = [x for x in values if math.isfinite(x) and x > 0]
@@ -107,6 +127,13 @@ def main() -> int:
         "| run | batches | mean offset before | summed change: all | 12–40 atoms | 63–64 | 96 |",
         "|---|---|---|---|---|---|---|",
     ]
+    own = [
+        "## A frame's own energy offset: before its update, the change, after",
+        "",
+        "| run | epoch | batches | median abs offset before | median abs change | median abs "
+        "offset after | slope of change on offset | correlation |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         vals = validations(run)
         for v in vals:
@@ -125,6 +152,10 @@ def main() -> int:
                 f"{jumps([v['e_spread'] for v in later]):.2f} | {1e3 * later[-1]['e_rmse']:.3g} "
                 f"| {1e3 * later[-1]['e_spread']:.3g} |"
             )
+        for epoch in sorted({int(r["epoch"]) for r in st}):
+            rows = [r for r in st if int(r["epoch"]) == epoch]
+            if len(rows) > 2:
+                own.append(f"| {run.name} | {epoch} | {len(rows)} | {own_frame(rows)} |")
         quarter = max(1, per_epoch // 4)
         for start in range(0, len(st), quarter):
             chunk = st[start : start + quarter]
@@ -141,7 +172,7 @@ def main() -> int:
                 if bias
                 else f"| {run.name} | {start}– | – | – | – | – | – |"
             )
-    text = "\n".join([*lines, "", *summary, "", *drift, ""])
+    text = "\n".join([*lines, "", *summary, "", *own, "", *drift, ""])
     print(text)
     if args.md:
         args.md.write_text(text, encoding="utf-8")
