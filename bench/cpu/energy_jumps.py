@@ -13,7 +13,10 @@ the training frames before their update and the summed change of their energy pe
 by the updates (what drifts the offset), split by frame size; per training epoch, how much of
 a frame's own energy offset its update removes: the medians of |offset before|, |change| and
 |offset after| (meV/atom) and the least-squares slope and correlation of the change against
-the offset before (slope -1: the update removes the frame's whole offset).
+the offset before (slope -1: the update removes the frame's whole offset). With runs of
+several names (``<name>_seed_<s>``, e.g. ``default`` and ``ema`` from ``callbacks=ema``): per
+name, the mean over seeds of the final energy and force RMSE, the median energy RMSE and jump
+over the validations after the first epoch.
 """
 
 from __future__ import annotations
@@ -172,7 +175,32 @@ def main() -> int:
                 if bias
                 else f"| {run.name} | {start}– | – | – | – | – | – |"
             )
-    text = "\n".join([*lines, "", *summary, "", *own, "", *drift, ""])
+    by_name: dict[str, list[list[dict[str, float]]]] = {}
+    for run in runs:
+        later = [v for v in validations(run) if v["step"] > 0][4:]
+        if later:
+            by_name.setdefault(run.name.rsplit("_seed_", 1)[0], []).append(later)
+    names = [
+        "## By variant (mean over seeds; validations after the first epoch)",
+        "",
+        "| variant | seeds | final E RMSE | final E spread | median E RMSE | median jump of "
+        "E RMSE (decades) | final F RMSE | median F RMSE |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, curves in by_name.items():
+
+        def mean_of(f, curves=curves) -> float:
+            return statistics.fmean(f(c) for c in curves)
+
+        names.append(
+            f"| {name} | {len(curves)} | {1e3 * mean_of(lambda c: c[-1]['e_rmse']):.3g} | "
+            f"{1e3 * mean_of(lambda c: c[-1]['e_spread']):.3g} | "
+            f"{1e3 * mean_of(lambda c: statistics.median(v['e_rmse'] for v in c)):.3g} | "
+            f"{mean_of(lambda c: jumps([v['e_rmse'] for v in c])):.2f} | "
+            f"{mean_of(lambda c: c[-1]['f_rmse']):.3g} | "
+            f"{mean_of(lambda c: statistics.median(v['f_rmse'] for v in c)):.3g} |"
+        )
+    text = "\n".join([*lines, "", *summary, "", *names, "", *own, "", *drift, ""])
     print(text)
     if args.md:
         args.md.write_text(text, encoding="utf-8")
