@@ -72,6 +72,7 @@ def row_of(job: Path) -> dict[str, str]:
         outcome = "bounded"
     return {
         "run": label,
+        "seed": "" if run.seed is None else str(run.seed),
         "step-0 val F RMSE": f"{step0:.3g}",
         "max val F RMSE after step 0": f"{max(after):.3g}" if after else "–",
         "last val F RMSE": f"{final_f:.3g}",

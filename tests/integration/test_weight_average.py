@@ -193,3 +193,15 @@ def test_start_batch_delays_the_average():
     assert wa.n_averaged == 2  # batches 3 and 4
     expected = DECAY * seen[2] + (1 - DECAY) * seen[3]
     assert torch.allclose(wa.averaged_parameters()["weight"], expected, rtol=1e-12)
+
+
+def test_callbacks_ema_is_the_default_callbacks_plus_the_average(tmp_path):
+    from rlekf.training.callbacks import LastCheckpoint
+
+    default = instantiate_many(compose_cfg("train", [], tmp_path).callbacks, "callback")
+    ema = instantiate_many(compose_cfg("train", ["callbacks=ema"], tmp_path).callbacks, "callback")
+    averages = [c for c in ema if isinstance(c, WeightAverage)]
+    assert len(averages) == 1 and averages[0].decay == 0.99 and averages[0].start_batch == 0
+    assert [type(c) for c in ema if not isinstance(c, WeightAverage)] == [type(c) for c in default]
+    assert any(isinstance(c, LastCheckpoint) for c in ema)
+    assert not any(isinstance(c, WeightAverage) for c in default)
