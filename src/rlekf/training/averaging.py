@@ -50,7 +50,7 @@ class WeightAverage(L.Callback):
             resumes included).
     """
 
-    def __init__(self, decay: float = 0.99, start_batch: int = 0) -> None:
+    def __init__(self, decay: float = 0.95, start_batch: int = 0) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         if start_batch < 0:
