@@ -7,18 +7,8 @@ import lightning as L
 import pytest
 import torch
 
+from tests.helpers.callbacks import StopAfter
 from tests.helpers.hydra import FAST_DATA, compose_cfg
-
-
-class StopAfter(L.Callback):
-    """Simulate an interruption: stop at the end of epoch ``epoch`` (last.ckpt is written)."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 class SimulatedCrash(RuntimeError):

@@ -14,6 +14,7 @@ import torch
 from rlekf.training.averaging import WeightAverage
 from rlekf.training.metrics import ForceFieldMetrics
 from rlekf.utils.instantiate import instantiate_many
+from tests.helpers.callbacks import StopAfter
 from tests.helpers.hydra import FAST_DATA, compose_cfg
 
 DECAY = 0.5
@@ -31,15 +32,6 @@ class Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.weights.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
-
-
-class StopAfter(L.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            trainer.should_stop = True
 
 
 def _run(tmp_path: Path, data_dir, extra=(), ckpt_path=None, stop_after=None):
