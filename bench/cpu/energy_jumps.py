@@ -26,8 +26,9 @@ import csv
 import math
 import platform
 import statistics
-import subprocess
 from pathlib import Path
+
+from mixed_sizes import git_commit, median_jump, read_steps  # bench/cpu, beside this file
 
 
 def _f(text: str | None) -> float:
@@ -56,14 +57,6 @@ def validations(run: Path) -> list[dict[str, float]]:
     return out
 
 
-def steps(run: Path) -> list[dict[str, float]]:
-    path = run / "csv" / "step_sizes.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return [{k: _f(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
 def total(rows: list[dict[str, float]]) -> float:
     """Summed ``energy_change`` of step-log rows, in meV/atom."""
     return 1e3 * sum(r["energy_change"] for r in rows if math.isfinite(r["energy_change"]))
@@ -75,22 +68,12 @@ def own_frame(rows: list[dict[str, float]]) -> str:
     b = [1e3 * r["energy_bias"] for r in rows]
     d = [1e3 * r["energy_change"] for r in rows]
     after = [x + y for x, y in zip(b, d, strict=True)]
-    mb, md = statistics.fmean(b), statistics.fmean(d)
-    slope = sum((x - mb) * (y - md) for x, y in zip(b, d, strict=True)) / sum(
-        (x - mb) ** 2 for x in b
-    )
+    slope = statistics.linear_regression(b, d).slope
     return (
         f"{statistics.median(map(abs, b)):.0f} | {statistics.median(map(abs, d)):.0f} | "
         f"{statistics.median(map(abs, after)):.0f} | {slope:.2f} | "
         f"{statistics.correlation(b, d):.2f}"
     )
-
-
-def jumps(values: list[float]) -> float:
-    """Median |log10(v[i+1] / v[i])| over consecutive finite positive values (NaN: < 2)."""
-    v = [x for x in values if math.isfinite(x) and x > 0]
-    d = [abs(math.log10(b / a)) for a, b in zip(v, v[1:], strict=False)]
-    return statistics.median(d) if d else math.nan
 
 
 def main() -> int:
@@ -99,9 +82,7 @@ def main() -> int:
     ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args()
     runs = sorted(d for d in args.out.glob("*_seed_*") if (d / "csv" / "metrics.csv").exists())
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = git_commit()
     lines = [
         "# Validation energy of RLEKF on si_mlearn: offset against spread",
         "",
@@ -137,23 +118,28 @@ def main() -> int:
         "offset after | slope of change on offset | correlation |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    by_name: dict[str, list[list[dict[str, float]]]] = {}
     for run in runs:
         vals = validations(run)
+        after_first = [v for v in vals if v["step"] > 0][4:]
+        if after_first:
+            by_name.setdefault(run.name.rsplit("_seed_", 1)[0], []).append(after_first)
         for v in vals:
             lines.append(
                 f"| {run.name} | {v['step']:g} | {1e3 * v['e_rmse']:.3g} | "
                 f"{1e3 * v['e_mean']:+.3g} | {1e3 * v['e_spread']:.3g} | {v['f_rmse']:.3g} |"
             )
-        st = steps(run)
+        st = read_steps(run)
         per_epoch = max(1, len({s["step"] for s in st if s["epoch"] == 0}))
         later = [v for v in vals if v["step"] > 0][4:] or [v for v in vals if v["step"] > 0]
         shares = [v["e_mean"] ** 2 / v["e_rmse"] ** 2 for v in later if v["e_rmse"] > 0]
         if later:
             summary.append(
                 f"| {run.name} | {len(later)} | "
-                f"{statistics.median(shares):.2f} | {jumps([v['e_rmse'] for v in later]):.2f} | "
-                f"{jumps([v['e_spread'] for v in later]):.2f} | {1e3 * later[-1]['e_rmse']:.3g} "
-                f"| {1e3 * later[-1]['e_spread']:.3g} |"
+                f"{statistics.median(shares):.2f} | "
+                f"{median_jump([v['e_rmse'] for v in later]):.2f} | "
+                f"{median_jump([v['e_spread'] for v in later]):.2f} | "
+                f"{1e3 * later[-1]['e_rmse']:.3g} | {1e3 * later[-1]['e_spread']:.3g} |"
             )
         for epoch in sorted({int(r["epoch"]) for r in st}):
             rows = [r for r in st if int(r["epoch"]) == epoch]
@@ -175,11 +161,6 @@ def main() -> int:
                 if bias
                 else f"| {run.name} | {start}– | – | – | – | – | – |"
             )
-    by_name: dict[str, list[list[dict[str, float]]]] = {}
-    for run in runs:
-        later = [v for v in validations(run) if v["step"] > 0][4:]
-        if later:
-            by_name.setdefault(run.name.rsplit("_seed_", 1)[0], []).append(later)
     names = [
         "## By variant (mean over seeds; validations after the first epoch)",
         "",
@@ -196,7 +177,7 @@ def main() -> int:
             f"| {name} | {len(curves)} | {1e3 * mean_of(lambda c: c[-1]['e_rmse']):.3g} | "
             f"{1e3 * mean_of(lambda c: c[-1]['e_spread']):.3g} | "
             f"{1e3 * mean_of(lambda c: statistics.median(v['e_rmse'] for v in c)):.3g} | "
-            f"{mean_of(lambda c: jumps([v['e_rmse'] for v in c])):.2f} | "
+            f"{mean_of(lambda c: median_jump([v['e_rmse'] for v in c])):.2f} | "
             f"{mean_of(lambda c: c[-1]['f_rmse']):.3g} | "
             f"{mean_of(lambda c: statistics.median(v['f_rmse'] for v in c)):.3g} |"
         )

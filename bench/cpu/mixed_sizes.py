@@ -32,7 +32,8 @@ def _runs(out: Path) -> dict[tuple[str, int], Path]:
     return runs
 
 
-def _steps(run: Path) -> list[dict[str, float]]:
+def read_steps(run: Path) -> list[dict[str, float]]:
+    """The StepSizeLog rows of a run (``csv/step_sizes.csv``; empty when it has none)."""
     path = run / "csv" / "step_sizes.csv"
     if not path.exists():
         return []
@@ -44,7 +45,15 @@ def _bucket(n: int) -> str:
     return "12-24" if n <= 24 else "36-40" if n <= 40 else "63-64" if n <= 64 else "96"
 
 
-def _jumps(values: list[float]) -> float:
+def git_commit() -> str:
+    """The short hash of HEAD ("" outside a git checkout)."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+
+def median_jump(values: list[float]) -> float:
+    """Median |log10(v[i+1] / v[i])| over consecutive positive values (NaN: fewer than 2)."""
     logs = [math.log10(v) for v in values if v > 0]
     diffs = [abs(b - a) for a, b in zip(logs, logs[1:], strict=False)]
     return statistics.median(diffs) if diffs else math.nan
@@ -52,9 +61,7 @@ def _jumps(values: list[float]) -> float:
 
 def report(out: Path) -> str:
     runs = _runs(out)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = git_commit()
     lines = [
         "# RLEKF on frames of mixed sizes (si_mlearn, paper mode)",
         "",
@@ -71,7 +78,7 @@ def report(out: Path) -> str:
     ]
     for (norm, seed), run in runs.items():
         groups = defaultdict(list)
-        for row in _steps(run):
+        for row in read_steps(run):
             groups[_bucket(int(row["n_atoms"]))].append(row)
         for b in ("12-24", "36-40", "63-64", "96"):
             rows = groups.get(b, [])
@@ -101,7 +108,7 @@ def report(out: Path) -> str:
         f = [p.force_rmse for p in curve]
         lines.append(
             f"| {norm} | {seed} | {', '.join(f'{1e3 * x:.3g}' for x in e)} | "
-            f"{', '.join(f'{x:.3g}' for x in f)} | {_jumps(e):.2f} |"
+            f"{', '.join(f'{x:.3g}' for x in f)} | {median_jump(e):.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -514,9 +514,10 @@ class StepSizeLog(L.Callback):
         with torch.no_grad():
             e_pred = pl_module.model(batch, forces=False)[K.ENERGY].double()
         n = batch[K.N_ATOMS].to(torch.float64)
-        self._error = float(torch.mean(torch.abs(batch[K.ENERGY].double() - e_pred) / n))
-        self._bias = float(torch.mean((e_pred - batch[K.ENERGY].double()) / n))
         self._e_before = e_pred / n
+        err = self._e_before - batch[K.ENERGY].double() / n  # per atom, signed
+        self._error = float(torch.mean(torch.abs(err)))
+        self._bias = float(torch.mean(err))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._file is None or self._before is None:
@@ -526,7 +527,8 @@ class StepSizeLog(L.Callback):
         innovation = opt.last_innovation if opt is not None else float("nan")
         with torch.no_grad():
             e_after = pl_module.model(batch, forces=False)[K.ENERGY].double()
-        change = float(torch.mean(e_after / batch[K.N_ATOMS].to(torch.float64) - self._e_before))
+        n = batch[K.N_ATOMS].to(torch.float64)
+        change = float(torch.mean(e_after / n - self._e_before))
         row = (
             trainer.current_epoch,
             trainer.global_step,
