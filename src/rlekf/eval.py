@@ -34,7 +34,8 @@ from rlekf.evaluation import (
     write_outputs,
 )
 from rlekf.export import load_checkpoint_with_info
-from rlekf.utils.instantiate import CONFIG_DIR, instantiate_many, wandb_offline_by_default
+from rlekf.utils.env import wandb_offline_by_default
+from rlekf.utils.instantiate import CONFIG_DIR, instantiate_many
 
 log = logging.getLogger(__name__)
 

@@ -60,6 +60,7 @@ import torch
 from rlekf import keys as K
 from rlekf.data.dataset import collate_atoms, frame_to_item
 from rlekf.data.readers import Frame
+from rlekf.utils.env import reproducible_blas_by_default
 
 __all__ = [
     "SIGMAS",
@@ -699,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = p.parse_args(argv)
+    reproducible_blas_by_default()  # as rlekf-train: bits independent of memory alignment
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def report(c: OTFCall) -> None:

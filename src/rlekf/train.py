@@ -15,14 +15,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rlekf.utils.instantiate import (
-    CONFIG_DIR,
-    instantiate_many,
-    instantiate_model,
-    print_config,
-    reproducible_blas_by_default,
-    wandb_offline_by_default,
-)
+from rlekf.utils.env import reproducible_blas_by_default, wandb_offline_by_default
+from rlekf.utils.instantiate import CONFIG_DIR, instantiate_many, instantiate_model, print_config
 
 log = logging.getLogger(__name__)
 

@@ -188,6 +188,28 @@ def test_start_batch_delays_the_average():
     assert torch.allclose(wa.averaged_parameters()["weight"], expected, rtol=1e-12)
 
 
+def test_resume_with_another_decay_warns_and_keeps_the_saved_average(caplog):
+    model = torch.nn.Linear(2, 1, dtype=torch.float64)
+    holder = type("M", (), {"model": model})()
+    saved = WeightAverage(decay=0.9)
+    saved.setup(None, holder, "fit")
+    for step in range(3):
+        saved.on_train_batch_start(None, holder, None, step)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        saved.on_train_batch_end(None, holder, None, None, step)
+    checkpoint = {"state_dict": {}}
+    saved.on_save_checkpoint(None, holder, checkpoint)
+    for decay, warned in ((0.9, False), (0.99, True)):
+        caplog.clear()
+        resumed = WeightAverage(decay=decay)
+        with caplog.at_level("WARNING", logger="rlekf.training.averaging"):
+            resumed.on_load_checkpoint(None, holder, checkpoint)
+        assert ("decay 0.9, this run continues it with decay 0.99" in caplog.text) is warned
+        assert resumed.n_averaged == saved.n_averaged == 3
+        assert _same(resumed.averaged_parameters(), saved.averaged_parameters(), exact=True)
+
+
 def test_callbacks_ema_is_the_default_callbacks_plus_the_average(tmp_path):
     from rlekf.training.callbacks import LastCheckpoint
 

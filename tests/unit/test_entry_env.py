@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from rlekf.utils.instantiate import (
+from rlekf.utils.env import (
     cpu_vendor,
     reproducible_blas_by_default,
     wandb_offline_by_default,
@@ -41,3 +41,14 @@ def test_wandb_is_offline_unless_told(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     wandb_offline_by_default()
     assert os.environ["WANDB_MODE"] == "online"
+
+
+def test_rlekf_otf_sets_the_mkl_default_before_it_reads_anything(monkeypatch, tmp_path, capsys):
+    from rlekf import otf
+
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    status = otf.main([str(tmp_path / "missing.ckpt"), "--threshold", "1", "-o", str(tmp_path)])
+    assert status == 1  # the checkpoint does not exist: a clear error, no traceback
+    assert "missing.ckpt" in capsys.readouterr().err
+    expected = "AUTO,STRICT" if cpu_vendor() == "GenuineIntel" else "COMPATIBLE"
+    assert os.environ["MKL_CBWR"] == expected

@@ -148,6 +148,15 @@ class WeightAverage(L.Callback):
         if state is None:
             log.info("checkpoint has no weight average: starting one at batch %d", self._seen)
             return
+        saved_decay = state.get("decay")
+        if saved_decay is not None and float(saved_decay) != self.decay:
+            log.warning(
+                "weight average: the checkpoint's average was kept with decay %g, this run "
+                "continues it with decay %g (not an exact resume; give decay=%g to keep it)",
+                float(saved_decay),
+                self.decay,
+                float(saved_decay),
+            )
         if self._average is None:
             self.setup(trainer, pl_module, "fit")
         named = dict(self._average.module.named_parameters())
