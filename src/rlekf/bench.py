@@ -2,7 +2,9 @@
 
 Training comparison: for each data set and seed (default 0, 1, 2), ``rlekf-train`` runs once
 per optimizer (same model, data, split — so the same validation frames —, dtype and seed; only
-``optim=`` differs) in a subprocess under the same wall-clock budget, with the CSV logger. The
+``optim=`` differs) in a subprocess under the same budget of training time (``--clock train``,
+the default: validation and checkpoint writes outside; ``--clock wall``: Lightning's
+``max_time``, everything included), with the CSV logger. The
 curves are read and accounted by :mod:`rlekf.runs` (shared with ``rlekf-report``): per data set
 and Kalman mode against Adam, the training epochs and training seconds (validation and
 checkpoint writes outside the clock; a truncated last epoch counts as the fraction it ran)
@@ -24,9 +26,9 @@ the bound, peak GPU memory) and the training runs with ``trainer=gpu``. Presets:
 
 Adam's learning-rate schedule decays over ``trainer.max_epochs``. ``--adam-epochs auto``
 (the default) times a short Adam calibration run per data set and gives Adam the number of
-epochs that fits the budget, so that its full schedule runs in the same wall-clock as the
-Kalman runs; the report gives each run's plan error (epochs run / planned − 1). ``preset``
-uses the preset's epochs (tuned on a 2-core CPU).
+epochs that fits the budget (timed on the budget's clock), so that its full schedule runs in
+the same training time as the Kalman runs; the report gives each run's plan error (epochs
+run / planned − 1). ``preset`` uses the preset's epochs (tuned on a 2-core CPU).
 
 Results go to ``bench/results/<date>-<tag>-<name>.{md,csv}`` and ``...-curves.png``
 (``--tag``, default: the host name; ``--name``, default: the preset, ``micro`` for
@@ -328,14 +330,15 @@ def parse_adam_epochs(value: str) -> str | int:
 def adam_epochs_for_budget(
     elapsed_s: list[float], budget_s: float, safety: float = 0.9
 ) -> tuple[int, float]:
-    """Adam's ``max_epochs`` for a wall-clock budget, from a calibration run's curve.
+    """Adam's ``max_epochs`` for a budget, from a calibration run's curve.
 
     Args:
-        elapsed_s: ``time/elapsed_s`` (since the start of fit) at the end of each epoch of the
-            calibration run (at least two epochs).
-        budget_s: the training budget (Lightning ``max_time``) of the real run.
+        elapsed_s: the clock the budget is on (``time/train_s`` for a training-time budget,
+            ``time/elapsed_s`` for a wall-clock one; seconds since the start of fit) at the
+            end of each epoch of the calibration run (at least two epochs).
+        budget_s: the budget of the real run on that clock.
         safety: fraction of the time left after the first epoch's extra cost that the
-            epochs may fill, so that the whole schedule ends before ``max_time`` stops it.
+            epochs may fill, so that the whole schedule ends before the budget stops it.
 
     Returns:
         ``(max_epochs, seconds per epoch)``; the first epoch is left out of the rate (warm-up)
@@ -394,6 +397,32 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+#: ``clock="train"``: the wall-clock cap (Lightning ``max_time``) beside the training-time
+#: budget, ``WALL_CAP_FACTOR`` × budget + ``WALL_CAP_EXTRA_S`` (validation, checkpoint writes)
+WALL_CAP_FACTOR, WALL_CAP_EXTRA_S = 3, 600
+
+#: what a run's budget is on: its training time (``EpochSummary(max_train_s)``; validation
+#: and checkpoint writes outside) or its wall-clock (Lightning ``max_time``)
+BUDGET_CLOCKS = ("train", "wall")
+
+
+def budget_overrides(budget_s: int, clock: str = "train") -> list[str]:
+    """The Hydra overrides that stop a run after ``budget_s`` seconds on ``clock``.
+
+    ``train``: ``EpochSummary``'s ``max_train_s`` (every optimizer gets the same training
+    time whatever its validation costs) under a wall-clock cap; ``wall``: ``max_time``.
+    """
+    if clock == "train":
+        cap = WALL_CAP_FACTOR * int(budget_s) + WALL_CAP_EXTRA_S
+        return [
+            f"callbacks.epoch_summary.max_train_s={int(budget_s)}",
+            f"+trainer.max_time={_dhms(cap)}",
+        ]
+    if clock == "wall":
+        return [f"+trainer.max_time={_dhms(budget_s)}"]
+    raise ValueError(f"budget clock must be one of {BUDGET_CLOCKS}, got {clock!r}")
+
+
 def run_training(
     dataset: str,
     optim: str,
@@ -402,10 +431,13 @@ def run_training(
     out: Path,
     seed: int = 0,
     data: str | None = None,
+    clock: str = "train",
 ) -> RunResult:
     """Train one optimizer on one data set in a subprocess; returns its validation curve.
 
-    ``dataset`` names the row; ``data`` is the data preset (default: ``dataset``).
+    ``dataset`` names the row; ``data`` is the data preset (default: ``dataset``); the run
+    stops after ``budget_s`` seconds of training time (``clock="train"``) or of wall-clock
+    (``"wall"``), see :func:`budget_overrides`.
     """
     out.mkdir(parents=True, exist_ok=True)
     args = [
@@ -419,7 +451,7 @@ def run_training(
         # the budget binds even inside the first epoch (the default min_epochs=1 would run a
         # whole epoch past it); the cut epoch counts as the fraction it ran
         "trainer.min_epochs=0",
-        f"+trainer.max_time={_dhms(budget_s)}",
+        *budget_overrides(budget_s, clock),
         "~callbacks.rich_progress_bar",
         "~callbacks.parity_plots",
         f"hydra.run.dir={out}",
@@ -771,6 +803,7 @@ def write_report(
     tag: str | None = None,
     device: torch.device | str | None = None,
     notes: list[str] | None = None,
+    budget_clock: str = "wall",
 ) -> Path:
     """Markdown + CSV + PNG learning curves; returns the Markdown path.
 
@@ -813,8 +846,14 @@ def write_report(
             else "wall-clock for runs logged without `time/train_s` (validation and "
             "checkpoints included)"
         )
+        budget_on = (
+            "of training time per run (validation and checkpoint writes outside; "
+            "`EpochSummary(max_train_s)`, under a wall-clock cap)"
+            if budget_clock == "train"
+            else "of wall-clock per run (Lightning `max_time`)"
+        )
         lines += [
-            f"Budget {budget} s of wall-clock per run (Lightning `max_time`), one run per "
+            f"Budget {budget} s {budget_on}, one run per "
             "optimizer, data set and seed; within a seed the same model init, data, split "
             "(the same validation frames for every optimizer), dtype and sampling seed.",
             "",
@@ -1043,16 +1082,19 @@ def calibrate_adam(
     out: Path,
     epochs: int = 3,
     data: str | None = None,
+    clock: str = "train",
 ) -> tuple[int | None, float | None, RunResult]:
     """Short Adam run (``epochs`` epochs) to time an epoch; returns (max_epochs, s/epoch, run).
 
+    The epoch is timed on the budget's ``clock`` (training time or wall-clock).
     ``(None, None, run)`` when the run logged fewer than two epochs (then keep the preset).
     """
     run = run_training(
-        dataset, "adam", with_max_epochs(overrides, epochs), budget_s, out, data=data
+        dataset, "adam", with_max_epochs(overrides, epochs), budget_s, out, data=data, clock=clock
     )
     try:
-        n, s_per_epoch = adam_epochs_for_budget(run.elapsed_s, budget_s)
+        times = run.train_s if clock == "train" else run.elapsed_s
+        n, s_per_epoch = adam_epochs_for_budget(times, budget_s)
     except ValueError:
         return None, None, run
     return n, s_per_epoch, run
@@ -1104,6 +1146,15 @@ def main(argv: list[str] | None = None) -> int:
         help="Adam's max_epochs (its lr schedule length): 'auto' (default: time a 3-epoch "
         "calibration run and fit the schedule into the budget; the report gives the plan's "
         "error), 'preset' (the preset's epochs, tuned on a 2-core CPU), or N",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=BUDGET_CLOCKS,
+        default="train",
+        help="what --budget is on: 'train' (default: seconds of training, validation and "
+        "checkpoint writes outside, so every optimizer trains equally long; Adam's "
+        "calibration times training epochs) or 'wall' (Lightning max_time, as before "
+        "2026-12-06)",
     )
     parser.add_argument("--tag", default=None, help="report file tag (default: host name)")
     parser.add_argument(
@@ -1165,7 +1216,12 @@ def main(argv: list[str] | None = None) -> int:
                         overrides = with_max_epochs(overrides, adam_n)
                     elif optim == "adam" and adam_mode == "auto":
                         n, spe, cal = calibrate_adam(
-                            ds, overrides, budget, work / ds / "adam_calib", data=over["data"]
+                            ds,
+                            overrides,
+                            budget,
+                            work / ds / "adam_calib",
+                            data=over["data"],
+                            clock=args.clock,
                         )
                         adam_n = n
                         if n is None:
@@ -1176,10 +1232,13 @@ def main(argv: list[str] | None = None) -> int:
                             )
                         else:
                             overrides = with_max_epochs(overrides, n)
+                            cal_first = (cal.train_s if args.clock == "train" else cal.elapsed_s)[
+                                0
+                            ]
                             notes.append(
                                 f"- {ds}: Adam max_epochs = {n} (auto: {spe:.2f} s/epoch in a "
                                 f"{len(cal.epochs)}-epoch calibration, first epoch excluded "
-                                f"({cal.elapsed_s[0]:.1f} s); preset: "
+                                f"({cal_first:.1f} s); preset: "
                                 f"{max_epochs_of([*over.get('all', []), *over.get('adam', [])])})."
                             )
                         print(f"[bench] {notes[-1]}", flush=True)
@@ -1191,10 +1250,20 @@ def main(argv: list[str] | None = None) -> int:
                         notes.append(
                             f"- {ds}: Adam max_epochs = {max_epochs_of(overrides)} (preset)."
                         )
-                    print(f"[bench] {ds} / {optim}: {budget} s {overrides}", flush=True)
+                    print(
+                        f"[bench] {ds} / {optim}: {budget} s ({args.clock}) {overrides}",
+                        flush=True,
+                    )
                     run_dir = work / ds / f"seed{seed}" / optim
                     r = run_training(
-                        ds, optim, overrides, budget, run_dir, seed=seed, data=over["data"]
+                        ds,
+                        optim,
+                        overrides,
+                        budget,
+                        run_dir,
+                        seed=seed,
+                        data=over["data"],
+                        clock=args.clock,
                     )
                     print(
                         f"[bench]   {len(r.epochs)} epochs, rc={r.returncode}, final force "
@@ -1232,7 +1301,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(runs, {ds: over["targets"] for ds, over in preset["datasets"].items()})
     name = args.name or ("micro" if args.no_train else args.preset)
     md = write_report(
-        args.out, name, budget, runs, rows, micro, tag=args.tag, device=device, notes=notes
+        args.out,
+        name,
+        budget,
+        runs,
+        rows,
+        micro,
+        tag=args.tag,
+        device=device,
+        notes=notes,
+        budget_clock=args.clock,
     )
     print(md.read_text())
     print(f"[bench] wrote {md}")

@@ -19,7 +19,7 @@ Runs that differ only by ``seed`` form a group; groups are reported as mean ± s
 deviation over seeds, also per single factor (block size, init, ...) when several vary. Output
 (``<multirun dir>/report`` by default): ``runs.csv``, ``summary.csv``, ``summary.md``,
 ``by_<factor>.csv``/``.md``, ``curves.png`` (validation force RMSE against epoch and against
-wall-clock, one line per run, coloured by group: RLEKF vs Adam in ``optimizer_compare``) and
+training time, one line per run, coloured by group: RLEKF vs Adam in ``optimizer_compare``) and
 ``summary.png``.
 """
 
@@ -377,7 +377,8 @@ def _figure(nrows: int, ncols: int, size: tuple[float, float]):
 
 
 def plot_curves(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
-    """Validation force RMSE against epoch and against wall-clock, a row per data set."""
+    """Validation force RMSE against epoch and against training time (the wall-clock for runs
+    logged without ``time/train_s``), a row per data set."""
     datas = sorted({r.factors["data"] for r in runs})
     groups = list(dict.fromkeys(labels))
     fig, axes = _figure(len(datas), 2, (11, 3.8 * len(datas)))
@@ -393,12 +394,14 @@ def plot_curves(runs: Sequence[Run], labels: Sequence[str], path: Path) -> None:
         first = (run.factors["data"], label) not in seen
         seen.add((run.factors["data"], label))
         epochs = [p.epochs for p in run.curve]  # fractional; 0 for a step-0 point
-        for col, xs in enumerate((epochs, [p.time_s for p in run.curve])):
+        for col, xs in enumerate((epochs, [p.train_time for p in run.curve])):
             axes[row][col].plot(
                 xs, ys, style, marker="o", ms=3, color=color, label=label if first else None
             )
+    wall = any(p.clock == "wall" for run in runs for p in run.curve)
+    time_label = "training time (s)" + (" (wall-clock for older logs)" if wall else "")
     for row, data in enumerate(datas):
-        for col, xlabel in enumerate(("training epochs", "wall-clock since fit start (s)")):
+        for col, xlabel in enumerate(("training epochs", time_label)):
             ax = axes[row][col]
             ax.set_xlabel(xlabel)
             ax.set_ylabel("val force RMSE (eV/Å)")

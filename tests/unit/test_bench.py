@@ -317,6 +317,8 @@ def test_tiny_end_to_end_training_run(tmp_path):
     assert all(p.clock == "train" for p in r.curve)
     assert r.train_s == sorted(r.train_s)
     assert all(0 < p.train_s < p.time_s for p in r.curve)
+    # the budget is on training time: the run trained 4 s (+ at most a few steps) and stopped
+    assert 4.0 <= r.train_s[-1] < 4.0 + 10.0
     assert math.isfinite(r.other_cpu_s) and r.other_cpu_s < r.wall_s * os.cpu_count()
 
 
@@ -338,7 +340,7 @@ def test_several_seeds_give_one_row_per_data_set_with_mean_and_calibration_error
 
     calls = []
 
-    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None):
+    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None, clock="train"):
         calls.append((ds, optim, seed, tuple(overrides), out, data))
         out.mkdir(parents=True, exist_ok=True)
         good = 0.5 if optim == "adam" else 0.2 + 0.1 * seed  # seed changes the Kalman result
@@ -369,17 +371,19 @@ def test_several_seeds_give_one_row_per_data_set_with_mean_and_calibration_error
     assert md.count("Adam ran 2 of its 7 planned epochs (plan error -71 %") == 2
 
 
-def test_adam_epochs_default_to_auto_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clock", [None, "train", "wall"])
+def test_adam_epochs_default_to_auto_on_cpu(tmp_path, monkeypatch, clock):
     import rlekf.bench as bench
 
     calls = []
 
-    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None):
-        calls.append((optim, tuple(overrides)))
+    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None, clock="train"):
+        calls.append((optim, tuple(overrides), clock))
         out.mkdir(parents=True, exist_ok=True)
-        # calibration: 3 epochs, first one 4 s, then 2 s each (wall-clock, as max_time sees)
+        # calibration: 3 epochs of 2 s of training each (1, 3, 5 s at their ends) and a
+        # validation of 1, 2, 3 s after each: wall-clock 2, 6, 11 s... at the epoch ends
         n = bench.max_epochs_of(list(overrides)) or 3
-        pts = [(k + 1.0, 1.0 + 2 * k, 1.0, 1.0, 1.0) for k in range(min(n, 3))]
+        pts = [(k + 1.0, 1.0 + 2 * k, (k + 1) * (k + 2) / 2, 1.0, 1.0) for k in range(min(n, 3))]
         curve = read_metrics_csv(_write_metrics(out / "m.csv", pts))[0]
         return RunResult(ds, optim, curve, seed=seed, max_epochs=n)
 
@@ -388,14 +392,22 @@ def test_adam_epochs_default_to_auto_on_cpu(tmp_path, monkeypatch):
         [
             "--preset", "cu", "--budget", "100", "--seeds", "0", "--optims", "adam",
             "--no-micro", "--device", "cpu", "--out", str(tmp_path / "out"),
-            "--work", str(tmp_path / "w"),
+            "--work", str(tmp_path / "w"), *(["--clock", clock] if clock else []),
         ]
     )  # fmt: skip
     assert rc == 0
     (calib, real) = calls
     assert "trainer.max_epochs=3" in calib[1]
-    # wall-clock 2, 4, 6 s at the 3 epoch ends: 2 s/epoch, no first-epoch overhead
-    assert f"trainer.max_epochs={int(0.9 * 100 / 2)}" in real[1]
+    assert calib[2] == real[2] == (clock or "train")
+    md = next((tmp_path / "out").glob("*.md")).read_text()
+    if clock == "wall":
+        # wall-clock 2, 6, 11 s: (11 - 2) / 2 = 4.5 s/epoch, no first-epoch overhead
+        assert f"trainer.max_epochs={int(0.9 * 100 / 4.5)}" in real[1]
+        assert "Budget 100 s of wall-clock per run" in md
+    else:
+        # training time 1, 3, 5 s at the 3 epoch ends: 2 s/epoch, no first-epoch overhead
+        assert f"trainer.max_epochs={int(0.9 * 100 / 2)}" in real[1]
+        assert "Budget 100 s of training time per run" in md
 
 
 def test_presets_are_read_from_configs_bench_and_name_real_data_presets(tmp_path) -> None:
@@ -422,7 +434,7 @@ def test_batch_preset_runs_one_data_preset_in_rows_per_batch_size(tmp_path, monk
 
     calls = []
 
-    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None):
+    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None, clock="train"):
         calls.append((ds, data, tuple(overrides)))
         out.mkdir(parents=True, exist_ok=True)
         r = _run(out, optim, [1.0, 0.5], [0.1, 0.05], 1.0, seed=seed)
@@ -457,10 +469,18 @@ def test_run_training_lets_the_budget_cut_the_first_epoch(tmp_path, monkeypatch)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(bench.subprocess, "run", fake)
-    bench.run_training("cu_emt", "rlekf", ["trainer=cpu"], 30, tmp_path / "r")
+    bench.run_training("cu_emt", "rlekf", ["trainer=cpu"], 30, tmp_path / "r", clock="wall")
     code = seen["code"]
     assert "'trainer.min_epochs=0'" in code and "'+trainer.max_time=00:00:00:30'" in code
+    assert "max_train_s" not in code
     assert code.index("'trainer.min_epochs=0'") < code.index("'trainer=cpu'")  # overridable
+    # the default: the budget is on training time, under a wall-clock cap of 3 x 30 + 600 s
+    bench.run_training("cu_emt", "rlekf", ["trainer=cpu"], 30, tmp_path / "r")
+    code = seen["code"]
+    assert "'callbacks.epoch_summary.max_train_s=30'" in code
+    assert "'+trainer.max_time=00:00:11:30'" in code and "'trainer.min_epochs=0'" in code
+    with pytest.raises(ValueError, match="clock"):
+        bench.budget_overrides(30, "cpu")
 
 
 def test_fixed_targets_give_their_own_columns_bounds_and_table(tmp_path):

@@ -213,6 +213,30 @@ def test_epoch_summary_clock_runs_again_after_a_validation_inside_an_epoch(tmp_p
     assert rec.rows[1]["time/val_s"] >= 4 * VAL_S
 
 
+def test_epoch_summary_stops_the_fit_at_a_training_time_budget(tmp_path):
+    budget = 0.3  # s of training: about 7 steps of ~43 ms, inside the second epoch
+    summary, rec = EpochSummary(max_train_s=budget), Record()
+    module = Tiny()
+    train = DataLoader(SlowData(4), batch_size=1)
+    val = DataLoader(SlowData(3, sleep=0.0), batch_size=1)
+    trainer = _trainer([summary, rec], tmp_path, max_epochs=50, min_epochs=0, limit_val_batches=3)
+    trainer.fit(module, train, val)
+    per_step = DATA_S + FWD_S + OPT_S + REST_S
+    last = rec.rows[-1]  # Lightning validated once more on stopping
+    assert budget <= last["time/train_s"] < budget + per_step + 0.25
+    # stopped, not run to max_epochs (a step's data loading may fall outside the clock)
+    assert module.seen <= math.ceil(budget / (FWD_S + OPT_S + REST_S))
+    assert last["time/epochs"] == pytest.approx(module.seen / 4)  # a cut epoch: its fraction
+    # validation (90 ms each) is outside the budget: the fit ran past it in wall-clock
+    assert last["time/elapsed_s"] >= last["time/train_s"] + last["time/val_s"]
+    assert last["time/val_s"] >= len(rec.rows) * 3 * VAL_S
+
+
+def test_epoch_summary_rejects_a_non_positive_budget():
+    with pytest.raises(ValueError, match="max_train_s"):
+        EpochSummary(max_train_s=0)
+
+
 def test_profile_on_tiny_emt(tmp_path, data_dir):
     from rlekf.profile import PARTS, format_profile, profile
     from tests.helpers.hydra import FAST_DATA

@@ -206,3 +206,23 @@ def test_cli(sweep, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert R.main([str(empty)]) == 1
+
+
+def test_curves_are_plotted_against_training_time(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from rlekf.runs import ValPoint
+
+    pts = [  # validation takes 10 s of wall-clock after each 2 s of training
+        ValPoint(epoch=k, step=k + 1, time_s=12.0 * (k + 1), energy_rmse=0.1, force_rmse=0.5,
+                 train_s=2.0 * (k + 1), epochs_done=k + 1.0)
+        for k in range(3)
+    ]  # fmt: skip
+    run = R.Run(tmp_path, "0", [], {"data": "cu_emt", "optim": "rlekf"}, 0, curve=pts)
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    R.plot_curves([run], ["rlekf"], tmp_path / "curves.png")
+    (epochs_ax, time_ax) = saved[0].axes[:2]
+    assert list(epochs_ax.lines[0].get_xdata()) == [1.0, 2.0, 3.0]
+    assert list(time_ax.lines[0].get_xdata()) == [2.0, 4.0, 6.0]  # not the 12, 24, 36 s
+    assert time_ax.get_xlabel() == "training time (s)"

@@ -63,10 +63,19 @@ class EpochSummary(L.Callback):
             over the whole validation set (needs ``trainer.num_sanity_val_steps=-1``; a resumed
             run runs no sanity check and logs none). This is the reference of "updates until
             the force RMSE halves" (:func:`rlekf.runs.dead_time`).
+        max_train_s: stop the fit once ``time/train_s`` reaches this many seconds (checked
+            after every training batch, like Lightning's ``max_time`` for the wall-clock; the
+            epoch cut there counts as the fraction it ran, and Lightning validates once more
+            on stopping, outside the clock). A budget on training time gives
+            optimizers whose validation costs differently the same training time. None: no
+            such limit. Needs ``trainer.min_epochs=0`` to bind inside the first epoch.
     """
 
-    def __init__(self, initial_point: bool = False) -> None:
+    def __init__(self, initial_point: bool = False, max_train_s: float | None = None) -> None:
+        if max_train_s is not None and not max_train_s > 0:
+            raise ValueError(f"max_train_s must be > 0 seconds or None, got {max_train_s}")
         self.initial_point = bool(initial_point)
+        self.max_train_s = None if max_train_s is None else float(max_train_s)
         self.t0: float | None = None
         self.train_s = 0.0
         self.val_s = 0.0
@@ -164,6 +173,17 @@ class EpochSummary(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batches += 1
+        if self.max_train_s is None or trainer.should_stop:
+            return
+        # every rank takes rank 0's decision (the ranks' clocks differ a little)
+        stop = trainer.strategy.broadcast(self.train_time() >= self.max_train_s)
+        if stop:
+            trainer.should_stop = True
+            rank_zero_info(
+                "training time budget reached (%.1f s >= max_train_s %.1f s): stopping",
+                self.train_time(),
+                self.max_train_s,
+            )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop()
