@@ -182,6 +182,14 @@ class RunResult:
         """Training seconds at each validation (validation and checkpoints excluded)."""
         return [p.train_time for p in self.curve]
 
+    def clock_s(self, clock: str) -> list[float]:
+        """Seconds at each validation on a budget's ``clock``: ``train`` or ``wall``."""
+        if clock == "train":
+            return self.train_s
+        if clock == "wall":
+            return self.elapsed_s
+        raise ValueError(f"budget clock must be one of {BUDGET_CLOCKS}, got {clock!r}")
+
     @property
     def force_rmse(self) -> list[float]:
         return [p.force_rmse for p in self.curve]
@@ -803,7 +811,7 @@ def write_report(
     tag: str | None = None,
     device: torch.device | str | None = None,
     notes: list[str] | None = None,
-    budget_clock: str = "wall",
+    budget_clock: str = "train",
 ) -> Path:
     """Markdown + CSV + PNG learning curves; returns the Markdown path.
 
@@ -1093,8 +1101,7 @@ def calibrate_adam(
         dataset, "adam", with_max_epochs(overrides, epochs), budget_s, out, data=data, clock=clock
     )
     try:
-        times = run.train_s if clock == "train" else run.elapsed_s
-        n, s_per_epoch = adam_epochs_for_budget(times, budget_s)
+        n, s_per_epoch = adam_epochs_for_budget(run.clock_s(clock), budget_s)
     except ValueError:
         return None, None, run
     return n, s_per_epoch, run
@@ -1232,9 +1239,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                         else:
                             overrides = with_max_epochs(overrides, n)
-                            cal_first = (cal.train_s if args.clock == "train" else cal.elapsed_s)[
-                                0
-                            ]
+                            cal_first = cal.clock_s(args.clock)[0]
                             notes.append(
                                 f"- {ds}: Adam max_epochs = {n} (auto: {spe:.2f} s/epoch in a "
                                 f"{len(cal.epochs)}-epoch calibration, first epoch excluded "

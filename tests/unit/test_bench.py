@@ -520,3 +520,18 @@ def test_preset_targets_are_validated(tmp_path):
         )
         with pytest.raises(ValueError, match=r"p.yaml: datasets.cu_emt.*targets"):
             load_presets(tmp_path)
+
+
+def test_clock_s_picks_the_budget_clock_and_the_report_defaults_to_training_time(tmp_path):
+    # 2 s of training and 10 s of validation per epoch: the two clocks differ
+    run = _run(tmp_path, "adam", [1.0, 0.5, 0.2], [0.1, 0.05, 0.02], 2.0, val_dt=10)
+    assert run.clock_s("train") == [2.0, 4.0, 6.0]
+    assert run.clock_s("wall") == [12.0, 24.0, 36.0]
+    with pytest.raises(ValueError, match="clock"):
+        run.clock_s("cpu")
+    rlekf = _run(tmp_path, "rlekf", [0.9, 0.1, 0.09], [0.02, 0.01, 0.009], 5.0)
+    rows = summarize([run, rlekf])
+    text = write_report(tmp_path / "out", "cu", 10, [run, rlekf], rows, []).read_text()
+    assert "Budget 10 s of training time per run" in text
+    wall = write_report(tmp_path / "w", "cu", 10, [run, rlekf], rows, [], budget_clock="wall")
+    assert "Budget 10 s of wall-clock per run" in wall.read_text()
