@@ -149,6 +149,7 @@ def test_short_kalman_run_on_si_lowers_validation_virial_rmse(shared_data, tmp_p
     overrides = [
         "data=si_mlearn",
         "optim=rlekf",
+        *VIRIAL,
         "model=small",
         "logger=none",
         "callbacks=none",
@@ -159,7 +160,7 @@ def test_short_kalman_run_on_si_lowers_validation_virial_rmse(shared_data, tmp_p
         "data.stats_frames=20",
     ]
     cfg = compose_cfg("train", overrides, tmp_path)
-    assert cfg.optim.updater.train_virial is True  # the si_mlearn preset turns it on
+    assert cfg.optim.updater.train_virial is True
     L.seed_everything(0)
     dm = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
