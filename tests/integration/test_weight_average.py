@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from rlekf.training.averaging import WeightAverage
+from rlekf.training.averaging import WeightAverage, batches_trained
 from rlekf.training.metrics import ForceFieldMetrics
 from rlekf.utils.instantiate import instantiate_many
 from tests.helpers.callbacks import StopAfter
@@ -220,3 +220,25 @@ def test_callbacks_ema_is_the_default_callbacks_plus_the_average(tmp_path):
     assert [type(c) for c in ema if not isinstance(c, WeightAverage)] == [type(c) for c in default]
     assert any(isinstance(c, LastCheckpoint) for c in ema)
     assert not any(isinstance(c, WeightAverage) for c in default)
+
+
+def test_resume_without_a_saved_average_counts_the_trained_batches(runs, caplog):
+    (trainer, _, _, rec, _), *_ = runs
+    # Lightning's own checkpoint of the plain run: its loop state counts every trained batch
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+    assert batches_trained(checkpoint) == len(rec.weights) > 3
+    assert batches_trained({"state_dict": {}}) == 0
+    model = torch.nn.Linear(2, 1, dtype=torch.float64)
+    holder = type("M", (), {"model": model})()
+    done = len(rec.weights)
+    # start_batch counts from the start of the run, not from the resume
+    for start, averaged in ((done + 1, 1), (0, 2)):
+        wa = WeightAverage(decay=DECAY, start_batch=start)
+        with caplog.at_level("INFO", logger="rlekf.training.averaging"):
+            wa.on_load_checkpoint(None, holder, checkpoint)
+        assert f"{done} training batches done" in caplog.text
+        wa.setup(None, holder, "fit")
+        for step in range(2):
+            wa.on_train_batch_start(None, holder, None, step)
+            wa.on_train_batch_end(None, holder, None, None, step)
+        assert wa.n_averaged == averaged

@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "weight_average"
 
 
+def batches_trained(checkpoint: dict[str, Any]) -> int:
+    """Training batches completed before ``checkpoint`` was written (Lightning's fit-loop
+    progress; 0 when the checkpoint holds no loop state)."""
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        return int(progress["total"]["completed"])
+    except (KeyError, TypeError):
+        return 0
+
+
 class WeightAverage(L.Callback):
     """Validate and keep the best checkpoint on an exponential moving average of the weights.
 
@@ -146,7 +156,15 @@ class WeightAverage(L.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
-            log.info("checkpoint has no weight average: starting one at batch %d", self._seen)
+            # resumed from a run without the average: count the batches it trained, so that
+            # start_batch still counts from the start of the run
+            self._seen = self._averaged = batches_trained(checkpoint)
+            log.info(
+                "checkpoint has no weight average: %d training batches done, the average starts "
+                "after batch %d",
+                self._seen,
+                max(self._seen, self.start_batch),
+            )
             return
         saved_decay = state.get("decay")
         if saved_decay is not None and float(saved_decay) != self.decay:
