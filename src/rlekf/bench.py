@@ -184,11 +184,7 @@ class RunResult:
 
     def clock_s(self, clock: str) -> list[float]:
         """Seconds at each validation on a budget's ``clock``: ``train`` or ``wall``."""
-        if clock == "train":
-            return self.train_s
-        if clock == "wall":
-            return self.elapsed_s
-        raise ValueError(f"budget clock must be one of {BUDGET_CLOCKS}, got {clock!r}")
+        return self.train_s if check_clock(clock) == "train" else self.elapsed_s
 
     @property
     def force_rmse(self) -> list[float]:
@@ -249,6 +245,17 @@ def _target_columns(
             )
 
 
+def _unpaired_note(runs: list[RunResult], ds: str) -> str:
+    """Why data set ``ds`` has no Adam–Kalman pair: a run without a curve, or a side not run."""
+    here = [r for r in runs if r.dataset == ds]
+    failed = sorted({f"{r.optim} seed {r.seed}" for r in here if not r.curve})
+    if failed:
+        return f"a run failed or logged no epoch ({', '.join(failed)})"
+    ran = sorted({r.optim for r in here})
+    missing = "Adam" if "adam" not in ran else "Kalman"
+    return f"no {missing} run to pair with (ran: {', '.join(ran)})"
+
+
 def summarize(
     runs: list[RunResult], fixed: dict[str, dict[str, float]] | None = None
 ) -> list[dict[str, Any]]:
@@ -275,7 +282,7 @@ def summarize(
             by.setdefault(r.optim, {})[r.seed] = r
         kalmans = [k for k in KALMAN if k in by]
         if "adam" not in by or not kalmans:
-            rows.append({"dataset": ds, "note": "a run failed or logged no epoch"})
+            rows.append({"dataset": ds, "note": _unpaired_note(runs, ds)})
             continue
         for kal in kalmans:
             seeds = sorted(set(by["adam"]) & set(by[kal]))
@@ -414,21 +421,26 @@ WALL_CAP_FACTOR, WALL_CAP_EXTRA_S = 3, 600
 BUDGET_CLOCKS = ("train", "wall")
 
 
+def check_clock(clock: str) -> str:
+    """``clock`` if it is one of :data:`BUDGET_CLOCKS`, else ``ValueError`` naming them."""
+    if clock not in BUDGET_CLOCKS:
+        raise ValueError(f"budget clock must be one of {BUDGET_CLOCKS}, got {clock!r}")
+    return clock
+
+
 def budget_overrides(budget_s: int, clock: str = "train") -> list[str]:
     """The Hydra overrides that stop a run after ``budget_s`` seconds on ``clock``.
 
     ``train``: ``EpochSummary``'s ``max_train_s`` (every optimizer gets the same training
     time whatever its validation costs) under a wall-clock cap; ``wall``: ``max_time``.
     """
-    if clock == "train":
-        cap = WALL_CAP_FACTOR * int(budget_s) + WALL_CAP_EXTRA_S
-        return [
-            f"callbacks.epoch_summary.max_train_s={int(budget_s)}",
-            f"+trainer.max_time={_dhms(cap)}",
-        ]
-    if clock == "wall":
+    if check_clock(clock) == "wall":
         return [f"+trainer.max_time={_dhms(budget_s)}"]
-    raise ValueError(f"budget clock must be one of {BUDGET_CLOCKS}, got {clock!r}")
+    cap = WALL_CAP_FACTOR * int(budget_s) + WALL_CAP_EXTRA_S
+    return [
+        f"callbacks.epoch_summary.max_train_s={int(budget_s)}",
+        f"+trainer.max_time={_dhms(cap)}",
+    ]
 
 
 def run_training(

@@ -535,3 +535,19 @@ def test_clock_s_picks_the_budget_clock_and_the_report_defaults_to_training_time
     assert "Budget 10 s of training time per run" in text
     wall = write_report(tmp_path / "w", "cu", 10, [run, rlekf], rows, [], budget_clock="wall")
     assert "Budget 10 s of wall-clock per run" in wall.read_text()
+
+
+def test_an_unpaired_data_set_says_why_it_has_no_ratio(tmp_path):
+    kalman_only = [
+        _run(tmp_path, "rlekf", [0.9, 0.1], [0.02, 0.01], 5.0),
+        _run(tmp_path, "rlekf_fused", [0.8, 0.2], [0.03, 0.01], 4.0),
+    ]
+    (row,) = summarize(kalman_only)
+    assert row["note"] == "no Adam run to pair with (ran: rlekf, rlekf_fused)"
+    (row,) = summarize([_run(tmp_path, "adam", [0.9, 0.1], [0.02, 0.01], 5.0)])
+    assert row["note"] == "no Kalman run to pair with (ran: adam)"
+    failed = RunResult("cu", "adam", [], seed=2)
+    (row,) = summarize([*kalman_only, failed])
+    assert row["note"] == "a run failed or logged no epoch (adam seed 2)"
+    text = write_report(tmp_path / "out", "cu", 10, kalman_only, summarize(kalman_only), [])
+    assert "no Adam run to pair with" in text.read_text()
