@@ -326,6 +326,21 @@ def calibration_error(planned: int, ran: float) -> float:
     return ran / planned - 1.0
 
 
+def adam_plan_note(ds: str, seed: int, run: RunResult, budget_s: float, clock: str) -> str:
+    """The report's line on how Adam's planned schedule fitted the budget: epochs run against
+    planned (:func:`calibration_error`) and the seconds of the budget's ``clock`` it used (a
+    schedule that ends early leaves budget unused: the plan was short)."""
+    ran = run.curve[-1].epochs
+    err = calibration_error(run.max_epochs, ran)
+    used = run.clock_s(clock)[-1]
+    end = "; its lr schedule did not reach its end" if ran < run.max_epochs else ""
+    return (
+        f"- {ds} seed {seed}: Adam ran {ran:.3g} of its {run.max_epochs} planned epochs (plan "
+        f"error {100 * err:+.0f} %{end}) in {used:.0f} s of the {budget_s:g} s budget "
+        f"({100 * used / budget_s:.0f} %, {'training time' if clock == 'train' else 'wall-clock'})."
+    )
+
+
 def parse_adam_epochs(value: str) -> str | int:
     """``--adam-epochs``: ``"auto"``, ``"preset"`` or a positive number of epochs."""
     v = str(value).strip().lower()
@@ -1288,17 +1303,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     if optim == "adam" and r.max_epochs and r.curve:
-                        ran = r.curve[-1].epochs
-                        err = calibration_error(r.max_epochs, ran)
-                        notes.append(
-                            f"- {ds} seed {seed}: Adam ran {ran:.3g} of its {r.max_epochs} "
-                            f"planned epochs (plan error {100 * err:+.0f} %"
-                            + (
-                                "; its lr schedule did not reach its end)."
-                                if ran < r.max_epochs
-                                else ")."
-                            )
-                        )
+                        notes.append(adam_plan_note(ds, seed, r, budget, args.clock))
                     runs.append(r)
     micro = (
         []
