@@ -334,10 +334,11 @@ def adam_plan_note(ds: str, seed: int, run: RunResult, budget_s: float, clock: s
     err = calibration_error(run.max_epochs, ran)
     used = run.clock_s(clock)[-1]
     end = "; its lr schedule did not reach its end" if ran < run.max_epochs else ""
+    on = "training time" if clock == "train" else "wall-clock"
     return (
         f"- {ds} seed {seed}: Adam ran {ran:.3g} of its {run.max_epochs} planned epochs (plan "
         f"error {100 * err:+.0f} %{end}) in {used:.0f} s of the {budget_s:g} s budget "
-        f"({100 * used / budget_s:.0f} %, {'training time' if clock == 'train' else 'wall-clock'})."
+        f"({100 * used / budget_s:.0f} %, {on})."
     )
 
 
