@@ -1111,25 +1111,36 @@ def _plot(runs: list[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
+#: epochs of Adam's calibration run (the first is left out of the rate: warm-up)
+ADAM_CALIBRATION_EPOCHS = 5
+
+#: per budget clock, the fraction of the budget Adam's planned schedule may fill
+#: (:func:`adam_epochs_for_budget`'s ``safety``): training time varies only with the
+#: epochs' own speed; the wall-clock also with validation and checkpoint writes
+ADAM_PLAN_SAFETY = {"train": 0.95, "wall": 0.9}
+
+
 def calibrate_adam(
     dataset: str,
     overrides: list[str],
     budget_s: int,
     out: Path,
-    epochs: int = 3,
+    epochs: int = ADAM_CALIBRATION_EPOCHS,
     data: str | None = None,
     clock: str = "train",
 ) -> tuple[int | None, float | None, RunResult]:
     """Short Adam run (``epochs`` epochs) to time an epoch; returns (max_epochs, s/epoch, run).
 
-    The epoch is timed on the budget's ``clock`` (training time or wall-clock).
+    The epoch is timed on the budget's ``clock`` (training time or wall-clock) and the
+    schedule fills :data:`ADAM_PLAN_SAFETY` of the budget on that clock.
     ``(None, None, run)`` when the run logged fewer than two epochs (then keep the preset).
     """
+    safety = ADAM_PLAN_SAFETY[check_clock(clock)]
     run = run_training(
         dataset, "adam", with_max_epochs(overrides, epochs), budget_s, out, data=data, clock=clock
     )
     try:
-        n, s_per_epoch = adam_epochs_for_budget(run.clock_s(clock), budget_s)
+        n, s_per_epoch = adam_epochs_for_budget(run.clock_s(clock), budget_s, safety=safety)
     except ValueError:
         return None, None, run
     return n, s_per_epoch, run
@@ -1178,7 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
         "--adam-epochs",
         type=parse_adam_epochs,
         default=None,
-        help="Adam's max_epochs (its lr schedule length): 'auto' (default: time a 3-epoch "
+        help="Adam's max_epochs (its lr schedule length): 'auto' (default: time a 5-epoch "
         "calibration run and fit the schedule into the budget; the report gives the plan's "
         "error), 'preset' (the preset's epochs, tuned on a 2-core CPU), or N",
     )
