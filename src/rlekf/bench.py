@@ -459,6 +459,46 @@ def budget_overrides(budget_s: int, clock: str = "train") -> list[str]:
     ]
 
 
+SELECTIONS = ("force", "score")
+
+
+def selection_overrides(select: str, targets: dict[str, float] | None, dataset: str) -> list[str]:
+    """The Hydra overrides that choose what picks a run's best checkpoint.
+
+    ``force``: the config's default (validation force RMSE), no override. ``score``: the
+    validation ``score`` (energy RMSE / energy target + force RMSE / force target, the preset's
+    fixed ``targets`` as scales; :func:`rlekf.training.metrics.selection_score`), so the kept
+    checkpoint weighs energies too. Only the checkpoint files change: the tables read the
+    whole validation curve either way.
+    """
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+    if select == "force":
+        return []
+    if not targets or set(targets) != {"force", "energy"}:
+        raise ValueError(
+            f"--select score needs the preset's targets for {dataset} (force and energy), "
+            f"got {targets!r}"
+        )
+    return [
+        f"task.score_scales={{energy_rmse: {targets['energy']!r}, "
+        f"force_rmse: {targets['force']!r}}}",
+        "monitor=val/score",
+    ]
+
+
+def selection_note(select: str, targets: dict[str, float] | None, dataset: str) -> str | None:
+    """The report line that says what picked the checkpoints (None for the default)."""
+    if not selection_overrides(select, targets, dataset):
+        return None
+    assert targets is not None
+    return (
+        f"- {dataset}: best checkpoints by validation score = energy RMSE / "
+        f"{targets['energy']:g} eV/atom + force RMSE / {targets['force']:g} eV/Å (`--select "
+        "score`, the preset's fixed targets as scales)."
+    )
+
+
 def run_training(
     dataset: str,
     optim: str,
@@ -1202,6 +1242,15 @@ def main(argv: list[str] | None = None) -> int:
         "calibration times training epochs) or 'wall' (Lightning max_time, as before "
         "2026-12-06)",
     )
+    parser.add_argument(
+        "--select",
+        choices=SELECTIONS,
+        default="force",
+        help="what picks each run's best checkpoint file: 'force' (default: validation force "
+        "RMSE) or 'score' (energy RMSE / energy target + force RMSE / force target, the "
+        "preset's targets as scales); the tables do not depend on it, the checkpoints "
+        "evaluated afterwards (e.g. on a test split) do",
+    )
     parser.add_argument("--tag", default=None, help="report file tag (default: host name)")
     parser.add_argument(
         "--name", default=None, help="last part of the file names (default: preset, or micro)"
@@ -1245,17 +1294,27 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[RunResult] = []
     notes: list[str] = []
     if not args.no_train:
+        # refused before any run: --select score on a data set without targets
+        select_over = {
+            ds: selection_overrides(args.select, over.get("targets"), ds)
+            for ds, over in preset["datasets"].items()
+            if not args.datasets or ds in args.datasets
+        }
         dev_over = device_overrides(device, args.extra)
         for ds, over in preset["datasets"].items():
             if args.datasets and ds not in args.datasets:
                 continue
             adam_n: int | None = None  # calibrated once per data set
+            note = selection_note(args.select, over.get("targets"), ds)
+            if note:
+                notes.append(note)
             for seed in args.seeds:
                 for optim in args.optims or OPTIMS:
                     overrides = [
                         *dev_over,
                         *over.get("all", []),
                         *over.get(optim, []),
+                        *select_over[ds],
                         *args.extra,
                     ]
                     if optim == "adam" and adam_mode == "auto" and adam_n is not None:

@@ -15,6 +15,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rlekf.training.metrics import check_monitor
 from rlekf.utils.env import reproducible_blas_by_default, wandb_offline_by_default
 from rlekf.utils.instantiate import CONFIG_DIR, instantiate_many, instantiate_model, print_config
 
@@ -29,6 +30,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         warnings.filterwarnings("ignore")
     if cfg.get("extras", {}).get("print_config"):
         print_config(cfg)
+    check_monitor(cfg.get("monitor"), cfg.get("task", {}).get("score_scales"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     init = None

@@ -576,3 +576,54 @@ def test_an_unpaired_data_set_says_why_it_has_no_ratio(tmp_path):
     assert row["note"] == "a run failed or logged no epoch (adam seed 2)"
     text = write_report(tmp_path / "out", "cu", 10, kalman_only, summarize(kalman_only), [])
     assert "no Adam run to pair with" in text.read_text()
+
+
+def test_select_score_passes_the_preset_targets_as_score_scales_that_hydra_reads(tmp_path):
+    from rlekf.bench import selection_note, selection_overrides
+    from tests.helpers.hydra import compose_cfg
+
+    assert selection_overrides("force", None, "cu_emt") == []
+    assert selection_note("force", {"force": 0.03, "energy": 5e-4}, "cu_pwmat") is None
+    over = selection_overrides("score", {"force": 0.06, "energy": 2.21e-3}, "si_mlearn")
+    assert over[-1] == "monitor=val/score"
+    cfg = compose_cfg("train", over, tmp_path)
+    assert dict(cfg.task.score_scales) == {"energy_rmse": 2.21e-3, "force_rmse": 0.06}
+    assert cfg.monitor == cfg.callbacks.model_checkpoint.monitor == "val/score"
+    note = selection_note("score", {"force": 0.06, "energy": 2.21e-3}, "si_mlearn")
+    assert "energy RMSE / 0.00221 eV/atom + force RMSE / 0.06 eV/Å" in note
+    with pytest.raises(ValueError, match="needs the preset's targets for cu_emt"):
+        selection_overrides("score", {}, "cu_emt")
+    with pytest.raises(ValueError, match="needs the preset's targets"):
+        selection_overrides("score", {"force": 0.03}, "cu_emt")
+
+
+def test_select_score_reaches_every_run_and_is_refused_before_any_run(tmp_path, monkeypatch):
+    import rlekf.bench as bench
+
+    calls = []
+
+    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None, clock="train"):
+        calls.append((ds, optim, tuple(overrides)))
+        out.mkdir(parents=True, exist_ok=True)
+        r = _run(out, optim, [1.0, 0.5], [0.1, 0.05], 1.0, seed=seed)
+        r.dataset = ds
+        return r
+
+    monkeypatch.setattr(bench, "run_training", fake_run)
+    common = ["--budget", "10", "--seeds", "0", "--no-micro", "--device", "cpu"]
+    common += ["--adam-epochs", "3", "--work", str(tmp_path / "w")]
+    rc = bench.main(
+        ["--preset", "cu", "--select", "score", "--out", str(tmp_path / "o1"), *common]
+    )
+    assert rc == 0 and calls
+    for _, _, overrides in calls:
+        assert "monitor=val/score" in overrides
+        assert "task.score_scales={energy_rmse: 0.0005, force_rmse: 0.03}" in overrides
+    md = next((tmp_path / "o1").glob("*.md")).read_text()
+    assert "best checkpoints by validation score = energy RMSE / 0.0005 eV/atom" in md
+    calls.clear()
+    # the full preset has data sets without targets (cu_emt): refused before the first run
+    with pytest.raises(ValueError, match="needs the preset's targets for cu_emt"):
+        full = ["--preset", "full", "--select", "score", "--out", str(tmp_path / "o2")]
+        bench.main(full + common)
+    assert calls == []

@@ -233,7 +233,7 @@ class EpochSummary(L.Callback):
             return
         m = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch}", f"{time.perf_counter() - self.t0:.1f} s"]
-        for key in ("val/energy_rmse", "val/force_rmse", "val/virial_rmse"):
+        for key in ("val/energy_rmse", "val/force_rmse", "val/virial_rmse", "val/score"):
             if key in m:
                 parts.append(f"{key}={float(m[key]):.4g}")
         opt = trainer.optimizers[0] if trainer.optimizers else None

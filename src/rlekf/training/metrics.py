@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -10,7 +11,73 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric
 
 from rlekf.data import keys as K
 
-__all__ = ["ForceFieldMetrics"]
+__all__ = [
+    "METRIC_NAMES",
+    "ForceFieldMetrics",
+    "check_monitor",
+    "check_score_scales",
+    "selection_score",
+]
+
+#: every quantity :class:`ForceFieldMetrics` can compute (``virial_rmse`` only when asked)
+METRIC_NAMES = (
+    "energy_rmse",
+    "energy_mae",
+    "energy_mean_error",
+    "force_rmse",
+    "force_mae",
+    "virial_rmse",
+)
+
+
+def check_score_scales(scales: Mapping[str, float]) -> dict[str, float]:
+    """``scales`` as a plain dict, refused unless it names metrics and positive finite scales.
+
+    ``energy_mean_error`` is signed and cannot enter a score; every other name of
+    :data:`METRIC_NAMES` can, with its own unit (eV/atom for energies and virials, eV/Å for
+    forces).
+    """
+    out: dict[str, float] = {}
+    allowed = [n for n in METRIC_NAMES if n != "energy_mean_error"]
+    if not scales:
+        raise ValueError(f"score_scales is empty; give one scale per metric of {allowed}")
+    for name, value in dict(scales).items():
+        if name not in allowed:
+            raise ValueError(f"score_scales: unknown metric {name!r}; choose from {allowed}")
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"score_scales.{name} must be a number, got {value!r}") from None
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"score_scales.{name} must be positive and finite, got {value!r}")
+        out[name] = v
+    return out
+
+
+def check_monitor(monitor: str | None, score_scales: Mapping[str, float] | None) -> None:
+    """Refuse a ``{stage}/score`` monitor without ``score_scales`` (nothing would log it)."""
+    if monitor and monitor.split("/")[-1] == "score" and not score_scales:
+        raise ValueError(
+            f"monitor={monitor} needs task.score_scales (e.g. "
+            "task.score_scales='{energy_rmse: 2.21e-3, force_rmse: 0.06}'): without scales no "
+            "score is logged"
+        )
+
+
+def selection_score(values: Mapping[str, float], scales: Mapping[str, float]) -> float:
+    """The selection score ``sum(values[m] / scales[m])`` over the metrics in ``scales``.
+
+    Dimensionless: each error in units of its scale (e.g. ``{"energy_rmse": 2.21e-3,
+    "force_rmse": 0.06}``: energy RMSE in units of 2.21 meV/atom plus force RMSE in units of
+    0.06 eV/Å), so one number weighs energies and forces; lower is better. ``nan`` when a metric
+    of ``scales`` is missing from ``values`` (e.g. no forces were evaluated).
+    """
+    total = 0.0
+    for name, scale in scales.items():
+        if name not in values:
+            return math.nan
+        total += float(values[name]) / float(scale)
+    return total
 
 
 class ForceFieldMetrics(nn.Module):

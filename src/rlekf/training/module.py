@@ -30,7 +30,7 @@ from rlekf.models.deep_potential import DeepPotential
 from rlekf.optim.distributed import ShardedRLEKF
 from rlekf.optim.rlekf import RLEKF
 from rlekf.training.callbacks import KalmanMonitor, ResumeState
-from rlekf.training.metrics import ForceFieldMetrics
+from rlekf.training.metrics import ForceFieldMetrics, check_score_scales, selection_score
 from rlekf.training.updaters import Updater
 
 __all__ = ["ForceFieldModule"]
@@ -51,6 +51,10 @@ class ForceFieldModule(L.LightningModule):
             to :class:`~rlekf.training.callbacks.KalmanMonitor`).
         max_consecutive_skips: stop with an error after this many consecutive skipped
             (non-finite) updates.
+        score_scales: when given (e.g. ``{"energy_rmse": 2.21e-3, "force_rmse": 0.06}``, eV/atom
+            and eV/Å), every stage also logs ``{stage}/score``, the sum of those metrics each
+            divided by its scale (:func:`~rlekf.training.metrics.selection_score`); with
+            ``monitor=val/score`` the best checkpoint weighs energies and forces together.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class ForceFieldModule(L.LightningModule):
         train_virial: bool | None = None,
         log_p_every: int = 50,
         max_consecutive_skips: int = 100,
+        score_scales: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -73,6 +78,7 @@ class ForceFieldModule(L.LightningModule):
         self.log_p_every = int(log_p_every)
         self.max_consecutive_skips = int(max_consecutive_skips)
         self._consecutive_skips = 0
+        self.score_scales = check_score_scales(score_scales) if score_scales else None
         # ModuleDict keys cannot be "train" (nn.Module.train): prefix the stage
         self.metrics = torch.nn.ModuleDict(
             {f"stage_{s}": ForceFieldMetrics(virial=True) for s in ("train", "val", "test")}
@@ -193,8 +199,11 @@ class ForceFieldModule(L.LightningModule):
 
     def _log_stage(self, stage: str) -> None:
         values = self.metrics[f"stage_{stage}"].compute()
+        values = {name: float(v) for name, v in values.items()}
+        if self.score_scales is not None:
+            values["score"] = selection_score(values, self.score_scales)
         # kept for callbacks (the sanity check's values never reach the loggers otherwise)
-        self.last_eval_metrics[stage] = {name: float(v) for name, v in values.items()}
+        self.last_eval_metrics[stage] = dict(values)
         for name, value in values.items():
             self.log(
                 f"{stage}/{name}",
