@@ -1,9 +1,9 @@
 #!/bin/bash
-# Issue #14 section 3: the mlearn Si table. Train with rlekf-bench (si_mlearn: training.extxyz,
-# its validation split picks the best checkpoint by val/force_rmse), then, once per run, on the
-# official test split (test.extxyz, never used for any choice): evaluate the best checkpoint as
-# trained and after refitting the energy bias on the run's TRAINING split (rlekf-change-bias
-# split=train: same data preset and seed, so the same split), per mlearn group.
+# Issue #14 section 3: the mlearn Si table. Train with rlekf-bench (si_mlearn: training.extxyz, its
+# validation split picks the best checkpoint: by val/force_rmse, or val/score with SELECT=score),
+# then, once per run, on the official test split (test.extxyz, never used for any choice): evaluate
+# the best checkpoint as trained and after refitting the energy bias on the run's TRAINING split
+# (rlekf-change-bias split=train: same data preset and seed, so the same split), per mlearn group.
 #   bash bench/cpu/si_mlearn_table.sh OUT BUDGET_S "SEEDS" "OPTIMS"
 #   e.g. bash bench/cpu/si_mlearn_table.sh logs/si600 600 "0 1 2" "rlekf rlekf_fused adam"
 # EXTRA="..." adds Hydra overrides to every training run (e.g. a smoke test:

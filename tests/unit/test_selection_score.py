@@ -42,7 +42,7 @@ def test_score_scales_are_refused_with_the_reason(scales, message):
         check_score_scales(scales)
 
 
-def test_a_score_monitor_without_scales_is_refused_before_any_work(tmp_path):
+def test_a_score_monitor_without_scales_is_refused_before_any_work(tmp_path, data_dir):
     from rlekf.train import train
     from rlekf.training.metrics import check_monitor
     from tests.helpers.hydra import FAST_DATA, compose_cfg
@@ -52,14 +52,14 @@ def test_a_score_monitor_without_scales_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="needs task.score_scales"):
         check_monitor("val/score", None)
     cfg = compose_cfg(
-        "train", ["monitor=val/score", "extras.print_config=false", *FAST_DATA], tmp_path
+        "train", ["monitor=val/score", "extras.print_config=false", *FAST_DATA], tmp_path, data_dir
     )
     with pytest.raises(ValueError, match="monitor=val/score needs task.score_scales"):
         train(cfg)
 
 
 def test_the_best_checkpoint_by_score_is_the_epoch_with_the_lowest_recomputed_score(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, data_dir
 ):
     """A 4-epoch Adam fit with ``monitor=val/score``: the logged score is the scaled sum of the
     logged RMSEs, and the checkpoint callback keeps the epoch where that sum is lowest."""
@@ -94,7 +94,7 @@ def test_the_best_checkpoint_by_score_is_the_epoch_with_the_lowest_recomputed_sc
         "monitor=val/score",
         *FAST_DATA,
     ]
-    cfg = compose_cfg("train", overrides, tmp_path)
+    cfg = compose_cfg("train", overrides, tmp_path, data_dir)
     import rlekf.train as train_module
 
     original = train_module.instantiate_many
@@ -113,3 +113,86 @@ def test_the_best_checkpoint_by_score_is_the_epoch_with_the_lowest_recomputed_sc
     assert ckpt.monitor == "val/score"
     assert ckpt.best_model_path.endswith(f"best_weights_epoch_{best_epoch:03d}.ckpt")
     assert float(ckpt.best_model_score) == pytest.approx(min(t[3] for t in seen), rel=1e-6)
+
+
+def test_metric_names_are_the_metrics_the_stages_compute():
+    from rlekf.training.metrics import METRIC_NAMES, ForceFieldMetrics
+
+    assert set(ForceFieldMetrics(virial=True).metrics.keys()) == set(METRIC_NAMES)
+
+
+def test_score_scales_from_a_hydra_mapping_become_plain_floats():
+    from omegaconf import OmegaConf
+
+    from rlekf.training.metrics import check_score_scales
+
+    out = check_score_scales(OmegaConf.create({"energy_rmse": 2.21e-3, "force_mae": "0.06"}))
+    assert out == {"energy_rmse": 2.21e-3, "force_mae": 0.06}
+    assert all(type(v) is float for v in out.values())
+    with pytest.raises(ValueError, match="must map metric names"):
+        check_score_scales(["force_rmse", 0.06])
+
+
+def _fit_score(scales, frames, train_virial=None):
+    import functools
+
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from rlekf.data.dataset import AtomsDataset, GroupedBatchSampler, collate_atoms
+    from rlekf.models import DeepPotential
+    from rlekf.training import ForceFieldModule, GradientUpdater
+
+    ds = AtomsDataset(frames, ["Cu"], 5.0, [60])
+
+    def loader():
+        return DataLoader(
+            ds,
+            batch_sampler=GroupedBatchSampler(ds.n_atoms, 1, shuffle=False),
+            collate_fn=collate_atoms,
+        )
+
+    model = DeepPotential(
+        ["Cu"], rcut=5.0, sel=[60], embedding=(4, 8), fitting=(8,), axis_neuron=4, seed=0
+    )
+    task = ForceFieldModule(
+        model,
+        functools.partial(torch.optim.Adam, lr=1e-3),
+        GradientUpdater(),
+        train_virial=train_virial,
+        score_scales=scales,
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(task, train_dataloaders=loader(), val_dataloaders=loader())
+    return task
+
+
+def test_a_score_that_validation_cannot_compute_stops_the_fit_with_the_metric_named():
+    import dataclasses
+
+    from tests.helpers.frames import cu_frame
+
+    frames = [cu_frame(1, seed=s) for s in range(2)]
+    scales = {"force_rmse": 0.1, "virial_rmse": 0.01}
+    # not validated on virials (Adam's default loss has no virial term): refused at fit start
+    with pytest.raises(ValueError, match="names virial_rmse, but this fit does not validate"):
+        _fit_score(scales, frames)
+    # asked to validate on virials, but no frame has a label: the validation stops it
+    unlabelled = [dataclasses.replace(f, virial=None) for f in frames]
+    with pytest.raises(ValueError, match=r"names \['virial_rmse'\], which validation did not"):
+        _fit_score(scales, unlabelled, train_virial=True)
+    # the same scales where validation computes them: a score, no error, nothing in training
+    task = _fit_score(scales, frames, train_virial=True)
+    val = task.last_eval_metrics["val"]
+    assert val["score"] == pytest.approx(val["force_rmse"] / 0.1 + val["virial_rmse"] / 0.01)
+    assert "score" not in task.last_eval_metrics["train"]

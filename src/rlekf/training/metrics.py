@@ -36,9 +36,18 @@ def check_score_scales(scales: Mapping[str, float]) -> dict[str, float]:
     ``energy_mean_error`` is signed and cannot enter a score; every other name of
     :data:`METRIC_NAMES` can, with its own unit (eV/atom for energies and virials, eV/Å for
     forces).
+
+    Raises:
+        ValueError: not a mapping, empty, an unknown or signed metric, or a scale that is not
+            a positive finite number.
     """
     out: dict[str, float] = {}
     allowed = [n for n in METRIC_NAMES if n != "energy_mean_error"]
+    if not isinstance(scales, Mapping):
+        raise ValueError(
+            f"score_scales must map metric names to scales, e.g. {{force_rmse: 0.06}}, got "
+            f"{scales!r}"
+        )
     if not scales:
         raise ValueError(f"score_scales is empty; give one scale per metric of {allowed}")
     for name, value in dict(scales).items():
@@ -55,7 +64,11 @@ def check_score_scales(scales: Mapping[str, float]) -> dict[str, float]:
 
 
 def check_monitor(monitor: str | None, score_scales: Mapping[str, float] | None) -> None:
-    """Refuse a ``{stage}/score`` monitor without ``score_scales`` (nothing would log it)."""
+    """Refuse a ``{stage}/score`` monitor without ``score_scales`` (nothing would log it).
+
+    Raises:
+        ValueError: ``monitor`` ends in ``/score`` and ``score_scales`` is empty or None.
+    """
     if monitor and monitor.split("/")[-1] == "score" and not score_scales:
         raise ValueError(
             f"monitor={monitor} needs task.score_scales (e.g. "

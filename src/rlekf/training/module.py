@@ -52,9 +52,11 @@ class ForceFieldModule(L.LightningModule):
         max_consecutive_skips: stop with an error after this many consecutive skipped
             (non-finite) updates.
         score_scales: when given (e.g. ``{"energy_rmse": 2.21e-3, "force_rmse": 0.06}``, eV/atom
-            and eV/Å), every stage also logs ``{stage}/score``, the sum of those metrics each
-            divided by its scale (:func:`~rlekf.training.metrics.selection_score`); with
-            ``monitor=val/score`` the best checkpoint weighs energies and forces together.
+            and eV/Å), validation and test also log ``{stage}/score``, the sum of those metrics
+            each divided by its scale (:func:`~rlekf.training.metrics.selection_score`); with
+            ``monitor=val/score`` the best checkpoint weighs energies and forces together. A
+            fit refuses ``virial_rmse`` among them when it does not validate on virials, and a
+            validation that lacks a scaled metric stops with an error (never a nan score).
     """
 
     def __init__(
@@ -78,7 +80,7 @@ class ForceFieldModule(L.LightningModule):
         self.log_p_every = int(log_p_every)
         self.max_consecutive_skips = int(max_consecutive_skips)
         self._consecutive_skips = 0
-        self.score_scales = check_score_scales(score_scales) if score_scales else None
+        self.score_scales = check_score_scales(score_scales) if score_scales is not None else None
         # ModuleDict keys cannot be "train" (nn.Module.train): prefix the stage
         self.metrics = torch.nn.ModuleDict(
             {f"stage_{s}": ForceFieldMetrics(virial=True) for s in ("train", "val", "test")}
@@ -140,6 +142,12 @@ class ForceFieldModule(L.LightningModule):
         return [KalmanMonitor(self.log_p_every), ResumeState()]
 
     def on_fit_start(self) -> None:
+        if self.score_scales and "virial_rmse" in self.score_scales and not self.train_virial:
+            raise ValueError(
+                "score_scales names virial_rmse, but this fit does not validate on virials "
+                "(train_virial is off or the data has no virial labels); drop it from "
+                "task.score_scales"
+            )
         self.updater.on_fit_start(lambda: int(self.trainer.estimated_stepping_batches))
 
     @property
@@ -200,8 +208,15 @@ class ForceFieldModule(L.LightningModule):
     def _log_stage(self, stage: str) -> None:
         values = self.metrics[f"stage_{stage}"].compute()
         values = {name: float(v) for name, v in values.items()}
-        if self.score_scales is not None:
-            values["score"] = selection_score(values, self.score_scales)
+        if self.score_scales is not None and stage != "train":
+            missing = sorted(set(self.score_scales) - set(values))
+            if not missing:
+                values["score"] = selection_score(values, self.score_scales)
+            elif stage == "val" and not self.trainer.sanity_checking:
+                raise ValueError(
+                    f"score_scales names {missing}, which validation did not compute "
+                    f"(computed: {sorted(values)})"
+                )
         # kept for callbacks (the sanity check's values never reach the loggers otherwise)
         self.last_eval_metrics[stage] = dict(values)
         for name, value in values.items():
