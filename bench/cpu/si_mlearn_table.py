@@ -13,7 +13,9 @@ A 124, 731 (2020), as given in ``../shared/data/si_mlearn/SOURCE.md``).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -67,6 +69,37 @@ def selection(out: Path) -> str:
     return "Checkpoints: lowest validation force RMSE."
 
 
+def validation(out: Path) -> str:
+    """Per run: the selected checkpoint's validation errors (its epoch from the file name) and
+    the last validation's, from the run's ``csv/metrics.csv``."""
+    lines = [
+        "| run | selected epoch (training s) | val force RMSE there (eV/Å) | val energy RMSE "
+        "there (meV/atom) | best val force RMSE of the run | last: epochs, force / energy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in sorted((out / "work" / "si_mlearn").glob("seed*/*/")):
+        best = sorted(run.glob("checkpoints/best_weights_epoch_*.ckpt"))
+        metrics = run / "csv" / "metrics.csv"
+        if not best or not metrics.exists():
+            continue
+        epoch = int(re.search(r"epoch_(\d+)", best[0].name).group(1))
+        with metrics.open() as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("val/force_rmse")]
+        sel = next((r for r in rows if int(r["epoch"]) == epoch), None)
+        if sel is None:
+            continue
+        last = rows[-1]
+        f_best = min(float(r["val/force_rmse"]) for r in rows)
+        lines.append(
+            f"| {run.name} {run.parent.name} | {float(sel['time/epochs']):.3g} "
+            f"({float(sel['time/train_s']):.0f} s) | {float(sel['val/force_rmse']):.4g} | "
+            f"{1e3 * float(sel['val/energy_rmse']):.3g} | {f_best:.4g} | "
+            f"{float(last['time/epochs']):.3g}: {float(last['val/force_rmse']):.4g} / "
+            f"{1e3 * float(last['val/energy_rmse']):.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def report(out: Path) -> str:
     table = collect(out)
     lines = [
@@ -87,6 +120,7 @@ def report(out: Path) -> str:
             f"{_cell(m['energy_rmse'], 1e3)} | {_cell(m['energy_mean_error'], 1e3, '+.3g')} | "
             f"{_cell(m['force_mae'])} | {_cell(m['force_rmse'])} |"
         )
+    lines += ["", "Validation (what selected the checkpoints):", "", validation(out)]
     return "\n".join(lines) + "\n"
 
 
