@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -13,6 +12,7 @@ from rlekf.models import DeepPotential
 from rlekf.optim import RLEKF
 from rlekf.training import ForceFieldModule, KalmanUpdater
 from tests.helpers.frames import cu_frame
+from tests.helpers.trainer import bare_trainer
 
 
 def _loader(n_frames: int, poison: bool) -> DataLoader:
@@ -37,16 +37,7 @@ def _fit(max_skips: int):
     task = ForceFieldModule(
         model, lambda p: RLEKF(p, block_size=64), KalmanUpdater(), max_consecutive_skips=max_skips
     )
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer()
     return trainer, task, initial
 
 

@@ -30,13 +30,13 @@ def test_rescaled_position_skips_exactly_the_batches_trained_before():
 
 
 def _fit_tiny(optimizer, updater, **kw):
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from rlekf.data.dataset import AtomsDataset, collate_atoms
     from rlekf.models import DeepPotential
     from rlekf.training import ForceFieldModule
     from tests.helpers.frames import cu_frame
+    from tests.helpers.trainer import bare_trainer
 
     ds = AtomsDataset([cu_frame(1, seed=s) for s in range(2)], ["Cu"], 5.0, [60])
     loader = DataLoader(
@@ -48,16 +48,7 @@ def _fit_tiny(optimizer, updater, **kw):
         ["Cu"], rcut=5.0, sel=[60], embedding=(4, 8), fitting=(8,), axis_neuron=4, seed=0
     )
     task = ForceFieldModule(model, optimizer, updater, **kw)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer()
     trainer.fit(task, train_dataloaders=loader)
     return trainer
 

@@ -136,13 +136,13 @@ def test_score_scales_from_a_hydra_mapping_become_plain_floats():
 def _fit_score(scales, frames, train_virial=None):
     import functools
 
-    import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
     from rlekf.data.dataset import AtomsDataset, GroupedBatchSampler, collate_atoms
     from rlekf.models import DeepPotential
     from rlekf.training import ForceFieldModule, GradientUpdater
+    from tests.helpers.trainer import bare_trainer
 
     ds = AtomsDataset(frames, ["Cu"], 5.0, [60])
 
@@ -163,16 +163,7 @@ def _fit_score(scales, frames, train_virial=None):
         train_virial=train_virial,
         score_scales=scales,
     )
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
-    )
+    trainer = bare_trainer()
     trainer.fit(task, train_dataloaders=loader(), val_dataloaders=loader())
     return task
 
