@@ -13,7 +13,6 @@ A 124, 731 (2020), as given in ``../shared/data/si_mlearn/SOURCE.md``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import statistics
@@ -57,21 +56,22 @@ def collect(out: Path) -> dict[tuple[str, str, str], dict[str, list[float]]]:
 
 
 def selection(out: Path) -> str:
-    """What picked the checkpoints: ``select=`` in ``OUT/started.txt`` (absent: force)."""
+    """What picked the checkpoints: ``select=`` in ``OUT/started.txt`` (absent: force), worded
+    as ``rlekf-bench``'s report note with the ``full`` preset's si_mlearn targets."""
+    from rlekf.bench import PRESETS, selection_note
+
     started = out / "started.txt"
     words = started.read_text().split() if started.exists() else []
     select = next((w.split("=", 1)[1] for w in words if w.startswith("select=")), "force")
-    if select == "score":
-        return (
-            "Checkpoints: lowest validation score = energy RMSE / 2.21e-3 eV/atom + force "
-            "RMSE / 0.06 eV/Å (`SELECT=score`)."
-        )
-    return "Checkpoints: lowest validation force RMSE."
+    note = selection_note(select, PRESETS["full"]["datasets"]["si_mlearn"]["targets"], "si_mlearn")
+    return note.lstrip("- ") if note else "si_mlearn: best checkpoints by validation force RMSE."
 
 
 def validation(out: Path) -> str:
     """Per run: the selected checkpoint's validation errors (its epoch from the file name) and
     the last validation's, from the run's ``csv/metrics.csv``."""
+    from rlekf.runs import read_metrics_csv
+
     lines = [
         "| run | selected epoch (training s) | val force RMSE there (eV/Å) | val energy RMSE "
         "there (meV/atom) | best val force RMSE of the run | last: epochs, force / energy |",
@@ -83,19 +83,16 @@ def validation(out: Path) -> str:
         if not best or not metrics.exists():
             continue
         epoch = int(re.search(r"epoch_(\d+)", best[0].name).group(1))
-        with metrics.open() as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("val/force_rmse")]
-        sel = next((r for r in rows if int(r["epoch"]) == epoch), None)
+        curve = read_metrics_csv(metrics)[0]
+        sel = next((p for p in curve if p.epoch == epoch), None)
         if sel is None:
             continue
-        last = rows[-1]
-        f_best = min(float(r["val/force_rmse"]) for r in rows)
+        last = curve[-1]
+        f_best = min(p.force_rmse for p in curve)
         lines.append(
-            f"| {run.name} {run.parent.name} | {float(sel['time/epochs']):.3g} "
-            f"({float(sel['time/train_s']):.0f} s) | {float(sel['val/force_rmse']):.4g} | "
-            f"{1e3 * float(sel['val/energy_rmse']):.3g} | {f_best:.4g} | "
-            f"{float(last['time/epochs']):.3g}: {float(last['val/force_rmse']):.4g} / "
-            f"{1e3 * float(last['val/energy_rmse']):.3g} |"
+            f"| {run.name} {run.parent.name} | {sel.epochs_done:.3g} ({sel.train_s:.0f} s) | "
+            f"{sel.force_rmse:.4g} | {1e3 * sel.energy_rmse:.3g} | {f_best:.4g} | "
+            f"{last.epochs_done:.3g}: {last.force_rmse:.4g} / {1e3 * last.energy_rmse:.3g} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -454,19 +454,30 @@ def test_presets_are_read_from_configs_bench_and_name_real_data_presets(tmp_path
         load_presets(tmp_path)
 
 
-def test_batch_preset_runs_one_data_preset_in_rows_per_batch_size(tmp_path, monkeypatch):
+def _fake_training(monkeypatch) -> list:
+    """Replace ``rlekf.bench.run_training`` by a stub that records each call (``ds``, ``optim``,
+    ``data``, ``overrides``) and returns a two-epoch curve; returns the list of calls."""
+    from types import SimpleNamespace
+
     import rlekf.bench as bench
 
     calls = []
 
     def fake_run(ds, optim, overrides, budget, out, seed=0, data=None, clock="train"):
-        calls.append((ds, data, tuple(overrides)))
+        calls.append(SimpleNamespace(ds=ds, optim=optim, data=data, overrides=tuple(overrides)))
         out.mkdir(parents=True, exist_ok=True)
         r = _run(out, optim, [1.0, 0.5], [0.1, 0.05], 1.0, seed=seed)
         r.dataset = ds
         return r
 
     monkeypatch.setattr(bench, "run_training", fake_run)
+    return calls
+
+
+def test_batch_preset_runs_one_data_preset_in_rows_per_batch_size(tmp_path, monkeypatch):
+    import rlekf.bench as bench
+
+    calls = _fake_training(monkeypatch)
     rc = bench.main(
         [
             "--preset", "batch", "--seeds", "0", "--optims", "rlekf", "--no-micro",
@@ -474,8 +485,8 @@ def test_batch_preset_runs_one_data_preset_in_rows_per_batch_size(tmp_path, monk
         ]
     )  # fmt: skip
     assert rc == 0
-    assert [(c[0], c[1]) for c in calls] == [(f"cu_pwmat_bs{b}", "cu_pwmat") for b in (1, 4, 16)]
-    assert [c[2][-1] for c in calls] == [f"data.batch_size={b}" for b in (1, 4, 16)]
+    assert [(c.ds, c.data) for c in calls] == [(f"cu_pwmat_bs{b}", "cu_pwmat") for b in (1, 4, 16)]
+    assert [c.overrides[-1] for c in calls] == [f"data.batch_size={b}" for b in (1, 4, 16)]
     rows = list(csv.DictReader(open(next((tmp_path / "out").glob("*.csv")))))
     assert [r["dataset"] for r in rows] == [f"cu_pwmat_bs{b}" for b in (1, 4, 16)]
 
@@ -600,25 +611,16 @@ def test_select_score_passes_the_preset_targets_as_score_scales_that_hydra_reads
 def test_select_score_reaches_every_run_and_is_refused_before_any_run(tmp_path, monkeypatch):
     import rlekf.bench as bench
 
-    calls = []
-
-    def fake_run(ds, optim, overrides, budget, out, seed=0, data=None, clock="train"):
-        calls.append((ds, optim, tuple(overrides)))
-        out.mkdir(parents=True, exist_ok=True)
-        r = _run(out, optim, [1.0, 0.5], [0.1, 0.05], 1.0, seed=seed)
-        r.dataset = ds
-        return r
-
-    monkeypatch.setattr(bench, "run_training", fake_run)
+    calls = _fake_training(monkeypatch)
     common = ["--budget", "10", "--seeds", "0", "--no-micro", "--device", "cpu"]
     common += ["--adam-epochs", "3", "--work", str(tmp_path / "w")]
     rc = bench.main(
         ["--preset", "cu", "--select", "score", "--out", str(tmp_path / "o1"), *common]
     )
     assert rc == 0 and calls
-    for _, _, overrides in calls:
-        assert "monitor=val/score" in overrides
-        assert "task.score_scales={energy_rmse: 0.0005, force_rmse: 0.03}" in overrides
+    for c in calls:
+        assert "monitor=val/score" in c.overrides
+        assert "task.score_scales={energy_rmse: 0.0005, force_rmse: 0.03}" in c.overrides
     md = next((tmp_path / "o1").glob("*.md")).read_text()
     assert "best checkpoints by validation score = energy RMSE / 0.0005 eV/atom" in md
     calls.clear()
